@@ -1,0 +1,64 @@
+"""ctxprop: observability context that survives every executor boundary, and spans that reach the
+collector however the process ends.
+
+>>> import ctxprop
+>>> with ctxprop.ContextAwareThreadPoolExecutor(max_workers=2) as pool:
+...     ctxprop.set_tag("job", "nightly")
+...     pool.submit(lambda: ctxprop.get_isolation_scope().tags["job"]).result()
+'nightly'
+"""
+
+from __future__ import annotations
+
+from ctxprop._capture import Snapshot, capture, wrap
+from ctxprop._executors import ContextAwareThreadPoolExecutor, run_in_executor_with_context
+from ctxprop._instrument import instrument, uninstrument
+from ctxprop._pipeline import aclose, aflush, close, flush, init
+from ctxprop._process_pool import ContextAwareProcessPoolExecutor
+from ctxprop._scopes import (
+    AttrValue,
+    Scope,
+    get_current_scope,
+    get_isolation_scope,
+    isolation_scope,
+    new_scope,
+    set_tag,
+    use_isolation_scope,
+    use_scope,
+)
+from ctxprop._stats import snapshot as stats
+from ctxprop._subprocess import subprocess_env
+from ctxprop._tagging import ScopeTagSpanProcessor
+from ctxprop._worker import worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttrValue",
+    "ContextAwareProcessPoolExecutor",
+    "ContextAwareThreadPoolExecutor",
+    "Scope",
+    "ScopeTagSpanProcessor",
+    "Snapshot",
+    "__version__",
+    "aclose",
+    "aflush",
+    "capture",
+    "close",
+    "flush",
+    "get_current_scope",
+    "get_isolation_scope",
+    "init",
+    "instrument",
+    "isolation_scope",
+    "new_scope",
+    "run_in_executor_with_context",
+    "set_tag",
+    "stats",
+    "subprocess_env",
+    "uninstrument",
+    "use_isolation_scope",
+    "use_scope",
+    "worker",
+    "wrap",
+]

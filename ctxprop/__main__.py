@@ -1,0 +1,7 @@
+"""``python -m ctxprop``."""
+
+import sys
+
+from ctxprop._cli import main
+
+sys.exit(main())

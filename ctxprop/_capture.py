@@ -1,0 +1,187 @@
+"""Capture the caller's context and run work in a copy of it, with forked scopes.
+
+``capture()`` is on the submit path of every task, so it does the least it can: one ``copy_context()``
+(which already holds OpenTelemetry's context and every application ContextVar), and a reference to the
+tag dicts of the two scopes (never changed in place, see ``_scopes``). The forked ``Scope`` objects are
+built on the worker side, in ``run``, off the submitter's clock.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextvars import Context, ContextVar, copy_context
+from typing import Any, Generic, Protocol, TypeVar
+
+from ctxprop._scopes import CURRENT, ISOLATION, AttrValue, Scope
+
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover - 3.9
+    from typing_extensions import ParamSpec
+
+__all__ = ["CaptureHook", "Snapshot", "capture", "propagated", "register_capture_hook", "wrap"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+#: Set inside every task that runs through a Snapshot; ``@worker`` reads it to tell a propagated call
+#: from one that arrived on a pool thread with the thread's stale context.
+PROPAGATED: ContextVar[bool] = ContextVar("ctxprop.propagated", default=False)
+
+
+class CaptureHook(Protocol, Generic[T]):
+    """An extra piece of state to carry with every capture (e.g. a third-party SDK's own scopes)."""
+
+    def capture(self) -> T:
+        """Called on the submitting side, in the caller's context; must be cheap and never raise."""
+        ...
+
+    def activate(self, state: T) -> None:
+        """Called on the running side, inside the task's own context copy, before the task."""
+        ...
+
+
+_hooks: tuple[CaptureHook[Any], ...] = ()
+
+
+def register_capture_hook(hook: CaptureHook[Any]) -> None:
+    """Carry ``hook``'s state with every capture from now on (idempotent per hook object)."""
+    global _hooks  # noqa: PLW0603
+    if hook not in _hooks:
+        _hooks = (*_hooks, hook)
+
+
+def unregister_capture_hook(hook: CaptureHook[Any]) -> None:
+    """Stop carrying ``hook``'s state."""
+    global _hooks  # noqa: PLW0603
+    _hooks = tuple(h for h in _hooks if h is not hook)
+
+
+def _capture_extra() -> tuple[tuple[CaptureHook[Any], Any], ...]:
+    extra = []
+    for hook in _hooks:
+        try:
+            extra.append((hook, hook.capture()))
+        except Exception:  # noqa: BLE001 - a hook's fault must not reach the submitter
+            from ctxprop import _stats
+
+            _stats.incr("capture_hook_errors")
+    return tuple(extra)
+
+
+def _enter(
+    iso_tags: dict[str, AttrValue],
+    cur_tags: dict[str, AttrValue],
+    extra: tuple[tuple[CaptureHook[Any], Any], ...],
+    fn: Callable[..., R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> R:
+    # Runs inside the task's own context copy: plain set() without reset is right, the copy is discarded.
+    ISOLATION.set(Scope._sharing(iso_tags))
+    CURRENT.set(Scope._sharing(cur_tags))
+    PROPAGATED.set(True)
+    for hook, state in extra:
+        try:
+            hook.activate(state)
+        except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
+            from ctxprop import _stats
+
+            _stats.incr("capture_hook_errors")
+    return fn(*args, **kwargs)
+
+
+class Snapshot:
+    """The caller's whole ``contextvars`` context plus forked isolation and current scopes.
+
+    Made by :func:`capture`. ``run`` may be called any number of times, from any thread, even at once:
+    each call runs in its own copy, so nothing one run sets is seen by another run or by the caller.
+
+    >>> snap = capture()
+    >>> snap.run(lambda: 42)
+    42
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = ("_ctx", "_cur", "_extra", "_iso")
+
+    def __init__(
+        self,
+        ctx: Context,
+        iso: dict[str, AttrValue],
+        cur: dict[str, AttrValue],
+        extra: tuple[tuple[CaptureHook[Any], Any], ...] = (),
+    ) -> None:
+        self._ctx = ctx
+        self._iso = iso
+        self._cur = cur
+        self._extra = extra
+
+    @property
+    def context(self) -> Context:
+        """The captured ``contextvars.Context`` (do not run it directly; use :meth:`run`)."""
+        return self._ctx
+
+    @property
+    def isolation_tags(self) -> dict[str, AttrValue]:
+        """The isolation scope's tags at capture time."""
+        return dict(self._iso)
+
+    @property
+    def current_tags(self) -> dict[str, AttrValue]:
+        """The current scope's tags at capture time."""
+        return dict(self._cur)
+
+    def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn`` in a fresh copy of the captured context with the forked scopes active."""
+        return self._ctx.copy().run(_enter, self._iso, self._cur, self._extra, fn, args, kwargs)
+
+    def _run_once(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        # For a snapshot taken for exactly one task: its context is private, so skip the copy.
+        return self._ctx.run(_enter, self._iso, self._cur, self._extra, fn, args, kwargs)
+
+
+def capture() -> Snapshot:
+    """Capture the caller's context and scopes, to run work elsewhere as if it ran here.
+
+    >>> import contextvars
+    >>> request_id = contextvars.ContextVar("request_id")
+    >>> _ = request_id.set("r-7")
+    >>> snap = capture()
+    >>> snap.run(request_id.get)
+    'r-7'
+
+    .. versionadded:: 0.1.0
+    """
+    return Snapshot(
+        copy_context(), ISOLATION.get()._tags, CURRENT.get()._tags, _capture_extra() if _hooks else ()
+    )
+
+
+def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+    """Bind ``fn`` to the context captured now: every later call runs in (a copy of) it.
+
+    >>> job = wrap(print)
+    >>> job("runs with the caller's context")
+    runs with the caller's context
+
+    .. versionadded:: 0.1.0
+    """
+    snap = capture()
+
+    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
+        return snap.run(fn, *args, **kwargs)
+
+    bound.__wrapped__ = fn  # type: ignore[attr-defined]
+    bound.__name__ = getattr(fn, "__name__", "wrapped")
+    bound.__qualname__ = getattr(fn, "__qualname__", bound.__name__)
+    bound.__doc__ = getattr(fn, "__doc__", None)
+    return bound
+
+
+def propagated() -> bool:
+    """Whether the running code arrived through ctxprop propagation (a Snapshot run)."""
+    return PROPAGATED.get()
