@@ -1,0 +1,1 @@
+"""Placeholder for the ctxprop pytest plugin (issue 6, being written)."""
