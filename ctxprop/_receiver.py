@@ -1,0 +1,347 @@
+"""A loopback OTLP/HTTP trace receiver for tests, benchmarks, demos and ``ctxprop collector``.
+
+It decodes ``ExportTraceServiceRequest`` bodies (plain, gzip or deflate) into :class:`ReceivedSpan` values
+and can misbehave on purpose (``mode``) so exporters can be tested against a collector that refuses,
+throttles, hangs or dies mid-request.
+
+>>> with OTLPReceiver() as rx:
+...     rx.endpoint.startswith("http://127.0.0.1:")
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import socket
+import threading
+import zlib
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional
+
+__all__ = ["MODES", "OTLPReceiver", "ReceivedSpan", "decode_request"]
+
+MODES = ("ok", "503", "429", "slow", "die")
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """One span as the collector saw it.
+
+    .. versionadded:: 0.1.0
+    """
+
+    trace_id: str
+    span_id: str
+    parent_span_id: Optional[str]
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    status_code: int
+    status_message: str
+    service_name: Optional[str]
+    resource: dict[str, Any]
+    events: tuple[tuple[str, dict[str, Any]], ...]
+    kind: int
+
+
+def _any_value(v: Any) -> Any:
+    which = v.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return tuple(_any_value(x) for x in v.array_value.values)
+    if which == "kvlist_value":
+        return _kv(v.kvlist_value.values)
+    return getattr(v, which)
+
+
+def _kv(pairs: Any) -> dict[str, Any]:
+    return {p.key: _any_value(p.value) for p in pairs}
+
+
+def decode_request(body: bytes) -> list[ReceivedSpan]:
+    """Decode a serialized ``ExportTraceServiceRequest`` into spans.
+
+    >>> decode_request(b"")
+    []
+
+    .. versionadded:: 0.1.0
+    """
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(body)
+    out: list[ReceivedSpan] = []
+    for rs in req.resource_spans:
+        resource = _kv(rs.resource.attributes)
+        service = resource.get("service.name")
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                out.append(
+                    ReceivedSpan(
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex() if s.parent_span_id else None,
+                        name=s.name,
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        attributes=_kv(s.attributes),
+                        status_code=int(s.status.code),
+                        status_message=s.status.message,
+                        service_name=service if isinstance(service, str) else None,
+                        resource=resource,
+                        events=tuple((e.name, _kv(e.attributes)) for e in s.events),
+                        kind=int(s.kind),
+                    )
+                )
+    return out
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Keep-alive handler threads may sit in a read; stop() closes their sockets instead of joining them.
+    block_on_close = False
+    receiver: OTLPReceiver
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+    # An idle keep-alive connection must not pin a thread forever.
+    timeout = 30
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Tests assert on empty stderr; the stdlib server logs every request there.
+        return
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.receiver._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.receiver._track(self.connection, add=False)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            body = b"".join(parts)
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0") or 0))
+        enc = self.headers.get("Content-Encoding", "").lower()
+        if enc == "gzip":
+            body = gzip.decompress(body)
+        elif enc == "deflate":
+            body = zlib.decompress(body)
+        return body
+
+    def _answer(self, code: int, extra: Optional[dict[str, str]] = None, body: bytes = b"") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer(404 if self.path != "/" else 200)
+
+    def do_POST(self) -> None:
+        rx = self.server.receiver
+        try:
+            body = self._read_body()
+        except (OSError, ValueError, EOFError, zlib.error):
+            self.close_connection = True
+            return
+        rx._count_request()
+        mode, retry_after, delay = rx._current_mode()
+        if self.path.split("?")[0] != "/v1/traces":
+            self._answer(404)
+            return
+        if mode == "die":
+            # Read the whole request, then hang up without a status line: a collector crashing mid-request.
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if mode in ("503", "429"):
+            extra = {"Retry-After": _fmt_retry(retry_after)} if retry_after is not None else None
+            self._answer(int(mode), extra)
+            return
+        if mode == "slow" and rx._stopping.wait(delay):
+            self.close_connection = True
+            return
+        try:
+            spans = decode_request(body)
+        except Exception:  # noqa: BLE001  # a malformed body is the client's fault: answer 400
+            self._answer(400)
+            return
+        # Record before answering: a client that saw the 200 must find its spans already here.
+        rx._accept(spans)
+        self._answer(200)
+
+
+def _fmt_retry(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+class OTLPReceiver:
+    """A loopback OTLP/HTTP trace collector that records what it receives.
+
+    >>> rx = OTLPReceiver(mode="503", retry_after=1).start()
+    >>> rx.port > 0
+    True
+    >>> rx.stop()
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        mode: str = "ok",
+        retry_after: Optional[float] = None,
+        delay: float = 0.0,
+        on_spans: Optional[Callable[[list[ReceivedSpan]], None]] = None,
+    ) -> None:
+        self._host = host
+        self._requested_port = port
+        self._cond = threading.Condition()
+        self._spans: list[ReceivedSpan] = []
+        self._requests = 0
+        self._on_spans = on_spans
+        self._stopping = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._server: Optional[_Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self._port = port
+        self._mode = "ok"
+        self._retry_after: Optional[float] = None
+        self._delay = 0.0
+        self.set_mode(mode, retry_after=retry_after, delay=delay)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> OTLPReceiver:
+        """Bind and serve in a daemon thread; returns ``self``."""
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        server = _Server((self._host, self._requested_port), _Handler)
+        server.receiver = self
+        self._server = server
+        self._port = server.server_address[1]
+        # Restarting after stop() must reuse the port so a client sees the same collector come back.
+        self._requested_port = self._port
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="ctxprop-receiver", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and hang up every open connection (idempotent)."""
+        server, self._server = self._server, None
+        self._stopping.set()
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with self._cond:
+            conns = list(self._conns)
+            self._conns.clear()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> OTLPReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def set_mode(self, mode: str, *, retry_after: Optional[float] = None, delay: float = 0.0) -> None:
+        """Change how the following requests are answered (see the module docstring)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown receiver mode {mode!r}; use one of {', '.join(MODES)}")
+        with self._cond:
+            self._mode, self._retry_after, self._delay = mode, retry_after, delay
+
+    # -- observations ----------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound TCP port."""
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT``."""
+        return f"http://{self._host}:{self._port}"
+
+    @property
+    def endpoint(self) -> str:
+        """The traces endpoint, ``http://HOST:PORT/v1/traces``."""
+        return f"{self.base_url}/v1/traces"
+
+    @property
+    def spans(self) -> list[ReceivedSpan]:
+        """A copy of every span answered with 200."""
+        with self._cond:
+            return list(self._spans)
+
+    @property
+    def requests(self) -> int:
+        """POST requests seen, whatever the answer."""
+        with self._cond:
+            return self._requests
+
+    def wait_for_spans(self, n: int, timeout: float) -> bool:
+        """Block until at least ``n`` spans were accepted or ``timeout`` seconds passed."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._spans) >= n, timeout)
+
+    def clear(self) -> None:
+        """Forget the spans and the request count."""
+        with self._cond:
+            self._spans.clear()
+            self._requests = 0
+
+    # -- handler callbacks -----------------------------------------------------------------------------
+    def _track(self, conn: socket.socket, *, add: bool) -> None:
+        with self._cond:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    def _count_request(self) -> None:
+        with self._cond:
+            self._requests += 1
+
+    def _current_mode(self) -> tuple[str, Optional[float], float]:
+        with self._cond:
+            return self._mode, self._retry_after, self._delay
+
+    def _accept(self, spans: list[ReceivedSpan]) -> None:
+        with self._cond:
+            self._spans.extend(spans)
+            self._cond.notify_all()
+        if self._on_spans is not None:
+            self._on_spans(spans)
