@@ -1,0 +1,716 @@
+"""The offline spool: OTLP requests that could not be sent yet wait on disk and are sent exactly once later.
+
+Layout of a spool directory (0700, owned by the user, opened once with ``O_NOFOLLOW`` and then only used
+through its file descriptor, so a path swapped later cannot redirect a write):
+
+- ``seg-<created_ns>-<pid>-<rand>-<spans>.ctxs``: a complete pending segment (files are 0600). The name
+  carries the creation time and the span count, so ordering, age and ``status()`` need a listing only.
+- ``<segment>.lease-<pid>-<boot>-<start>``: a segment some process is sending right now (or, in durable
+  mode, a batch written ahead of its export). Taking a lease is one atomic ``rename()``: of two processes
+  only one wins, so no segment is sent twice. The suffix names the owner (pid, boot id, process start
+  time); a lease whose owner is gone, even behind a reused pid, goes back to pending.
+- ``.tmp-<pid>-<rand>``: a segment being written; renamed to its final name only when complete.
+- ``events``: an append-only log of drops and corrupt records, so ``status()`` reports them across processes.
+
+A segment is ``_FILE_MAGIC`` then records: ``b"CTXR"``, u32 payload length, u32 span count, u64 creation
+time (ns), u32 CRC-32 of those three fields and the payload, then the payload (an OTLP
+``ExportTraceServiceRequest``). A damaged record is skipped and counted; the reader looks for the next
+record magic whose checksum holds, so the rest of the segment is still sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+import struct
+import tempfile
+import threading
+import time
+import warnings
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from ctxprop import _stats
+
+__all__ = ["Spool", "SpoolStatus", "default_spool_dir"]
+
+_FILE_MAGIC = b"CTXSPL1\n"
+_REC_MAGIC = b"CTXR"
+_REC_HEAD = struct.Struct("<4sIIQI")
+_REC_FIELDS = struct.Struct("<IIQ")
+_MAX_RECORD = 1 << 30
+
+_SEGMENT_RE = re.compile(r"^seg-(\d{20})-(\d+)-([0-9a-f]{8})-(\d+)\.ctxs$")
+_LEASE_RE = re.compile(r"^(seg-(\d{20})-\d+-[0-9a-f]{8}-(\d+)\.ctxs)\.lease-(\d+)-([0-9a-f]{8})-(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}$")
+_EVENTS = "events"
+_EVENTS_MAX = 1 << 20
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+
+
+def _sanitize(service_name: Optional[str]) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", service_name or "").lstrip(".")[:64]
+    return name or "unknown_service"
+
+
+def default_spool_dir(service_name: Optional[str]) -> Path:
+    """The spool directory used when ``init()`` gets no ``spool_dir``.
+
+    ``CTXPROP_SPOOL_DIR`` if set (used as is), else ``$XDG_STATE_HOME/ctxprop/<service>``, else
+    ``~/.local/state/ctxprop/<service>``; the service name is reduced to ``[A-Za-z0-9._-]``.
+
+    >>> default_spool_dir("billing api").name
+    'billing_api'
+
+    .. versionadded:: 0.1.0
+    """
+    configured = os.environ.get("CTXPROP_SPOOL_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    state = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    if state and os.path.isabs(state):
+        base = Path(state)
+    else:
+        try:
+            base = Path.home() / ".local" / "state"
+        except (RuntimeError, KeyError):
+            base = Path(tempfile.gettempdir()) / f"ctxprop-{os.getuid()}"
+    return base / "ctxprop" / _sanitize(service_name)
+
+
+@dataclass(frozen=True)
+class SpoolStatus:
+    """What a spool holds: ``Spool.status()`` and ``python -m ctxprop spool status``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    directory: Optional[str]
+    segments: int
+    spans: int
+    bytes: int
+    oldest_age: Optional[float]
+    dropped: int
+    corrupt: int
+    leased: int
+    memory_only: bool
+
+
+@dataclass(frozen=True)
+class _Handle:
+    pending: str
+    lease: str
+    spans: int
+
+
+class _Refused(Exception):
+    pass
+
+
+def _encode_record(payload: bytes, span_count: int, created_ns: int) -> bytes:
+    fields = _REC_FIELDS.pack(len(payload), span_count, created_ns)
+    crc = zlib.crc32(payload, zlib.crc32(fields))
+    return _REC_HEAD.pack(_REC_MAGIC, len(payload), span_count, created_ns, crc) + payload
+
+
+def _parse_records(data: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
+    """Valid records ``(payload, span_count, created_ns)`` and how many damaged stretches were skipped."""
+    records: list[tuple[bytes, int, int]] = []
+    corrupt = 0
+    in_damage = False
+    pos = len(_FILE_MAGIC)
+    size = len(data)
+    while pos < size:
+        end = pos + _REC_HEAD.size
+        if end <= size:
+            magic, length, spans, created, crc = _REC_HEAD.unpack_from(data, pos)
+            if magic == _REC_MAGIC and end + length <= size:
+                payload = data[end : end + length]
+                fields = _REC_FIELDS.pack(length, spans, created)
+                if zlib.crc32(payload, zlib.crc32(fields)) == crc:
+                    records.append((payload, spans, created))
+                    pos = end + length
+                    in_damage = False
+                    continue
+        if not in_damage:
+            corrupt += 1
+            in_damage = True
+        nxt = data.find(_REC_MAGIC, pos + 1)
+        if nxt < 0:
+            break
+        pos = nxt
+    return records, corrupt
+
+
+def _boot_tag() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip().replace("-", "")[:8].ljust(8, "0")
+    except OSError:
+        return "00000000"
+
+
+def _start_time(pid: int) -> Optional[tuple[str, int]]:
+    """(state, start time in clock ticks since boot) of ``pid`` from /proc, or None where there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_BOOT = _boot_tag()
+
+
+def _owner_alive(pid: int, boot: str, start: int) -> bool:
+    if boot != _BOOT and "00000000" not in (boot, _BOOT):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    info = _start_time(pid)
+    if info is None:
+        return True
+    state, started = info
+    # A zombie holds no lease; a different start time means the pid was reused by another process.
+    return state not in ("Z", "X") and start in (0, started)
+
+
+def _open_private_dir(path: Path) -> int:
+    if not os.path.lexists(path):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise _Refused(f"{path} is a symbolic link; a spool is never opened through one") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise _Refused(f"{path} is not a directory")
+        if st.st_uid != os.geteuid():
+            raise _Refused(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Spool:
+    """A bounded, per-user store of OTLP requests that could not be sent yet.
+
+    Never raises into the caller: an unusable directory or a full disk degrades it to memory only, with
+    one ``RuntimeWarning``. Drops (size or age cap) and corrupt records are counted in ``ctxprop.stats()``.
+
+    >>> import tempfile
+    >>> spool = Spool.open(tempfile.mkdtemp())
+    >>> spool.append(b"<ExportTraceServiceRequest bytes>", span_count=3)
+    >>> spool.replay(lambda payload, timeout: True, deadline=float("inf"))
+    3
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, directory: Path, dir_fd: Optional[int], max_bytes: int, max_age: float) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self._fd = dir_fd
+        self._writable = dir_fd is not None
+        self._warned = False
+        self._lock = threading.Lock()
+        self._memory: deque[tuple[bytes, int, int]] = deque()
+        self._memory_bytes = 0
+        self._token_pid = -1
+        self._token = ""
+
+    @classmethod
+    def open(
+        cls,
+        directory: Union[str, os.PathLike[str]],
+        *,
+        max_bytes: int = 64 * 2**20,
+        max_age: float = 7 * 86400,
+    ) -> Spool:
+        """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
+
+        A symbolic link, another user's directory or one that cannot be created gives a memory-only spool
+        and one ``RuntimeWarning``. A directory of this user with a wider mode is repaired to 0700.
+        """
+        path = Path(directory)
+        spool = cls(path, None, max_bytes, max_age)
+        try:
+            spool._fd = _open_private_dir(path)
+            spool._writable = True
+        except Exception as exc:  # noqa: BLE001 - any failure here means memory-only, never an app error
+            spool._degrade(str(exc) if isinstance(exc, _Refused) else f"cannot open {path}: {exc}")
+            return spool
+        spool._housekeeping()
+        return spool
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def append(self, payload: bytes, span_count: int) -> None:
+        """Keep ``payload`` (serialized OTLP request bytes holding ``span_count`` spans) for a later send."""
+        try:
+            created = time.time_ns()
+            if self._writable:
+                try:
+                    name = self._new_name(created, span_count)
+                    self._write_file(name, payload, span_count, created, sync=False)
+                except OSError as exc:
+                    self._degrade(f"cannot write to {self.directory}: {exc}")
+                else:
+                    _stats.incr("spool_written_spans", span_count)
+                    self._enforce_bounds()
+                    return
+            self._memory_append(payload, span_count, created)
+        except Exception:  # noqa: BLE001 - the telemetry path never raises into the application
+            _stats.incr("spool_dropped_spans", span_count)
+
+    def write_ahead(self, payload: bytes, span_count: int) -> Optional[object]:
+        """Durable mode: put a batch on disk (one fsync) before it is exported; returns a handle or None.
+
+        The record is leased by this process while its export runs, so no replay sends it meanwhile;
+        ``ack(handle)`` removes it, ``release(handle)`` makes it pending. If the process dies first, the
+        lease is recovered and the next ``replay()`` (of any process) sends it. None means it could not be
+        written (memory-only spool): export it anyway and ``append`` it if that fails.
+        """
+        if not self._writable:
+            return None
+        try:
+            created = time.time_ns()
+            pending = self._new_name(created, span_count)
+            lease = f"{pending}.lease-{self._owner_token()}"
+            self._write_file(lease, payload, span_count, created, sync=True, direct=True)
+            return _Handle(pending, lease, span_count)
+        except OSError as exc:
+            self._degrade(f"cannot write to {self.directory}: {exc}")
+        except Exception:  # noqa: BLE001, S110 - never raise into the worker; the caller exports anyway
+            pass
+        return None
+
+    def ack(self, handle: object) -> None:
+        """The batch written ahead under ``handle`` was delivered: forget it."""
+        if isinstance(handle, _Handle) and self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(handle.lease, dir_fd=self._fd)
+
+    def release(self, handle: object) -> None:
+        """The export of the batch written ahead under ``handle`` failed: it becomes a pending record."""
+        if not (isinstance(handle, _Handle) and self._fd is not None):
+            return
+        try:
+            os.rename(handle.lease, handle.pending, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        except OSError:
+            return
+        _stats.incr("spool_written_spans", handle.spans)
+        with contextlib.suppress(Exception):
+            self._enforce_bounds()
+
+    # -- sending -------------------------------------------------------------------------------------
+
+    def replay(self, send: Callable[[bytes, float], bool], deadline: float) -> int:
+        """Send what is pending, oldest first, until done, a send fails or ``deadline`` (monotonic) passes.
+
+        ``send(payload, timeout_s)`` returns True when the collector acknowledged the request. Each segment
+        is leased before it is read, so concurrent replays (threads or processes) never send one twice, and
+        removed only after every record in it was acknowledged. Returns the spans delivered.
+        """
+        delivered = 0
+        try:
+            delivered, ok = self._replay_memory(send, deadline)
+            if ok and self._fd is not None:
+                self._housekeeping()
+                for name in self._pending():
+                    if time.monotonic() >= deadline:
+                        break
+                    lease = f"{name}.lease-{self._owner_token()}"
+                    try:
+                        os.rename(name, lease, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                    except FileNotFoundError:
+                        continue  # another replay, here or in another process, took it first
+                    sent, ok = self._send_segment(name, lease, send, deadline)
+                    delivered += sent
+                    if not ok:
+                        break
+        except Exception:  # noqa: BLE001, S110 - a broken spool must not break the exporting thread
+            pass
+        if delivered:
+            _stats.incr("spool_replayed_spans", delivered)
+        return delivered
+
+    def has_pending(self) -> bool:
+        """Whether anything waits to be sent (at most one directory listing)."""
+        if self._memory:
+            return True
+        if self._fd is None:
+            return False
+        try:
+            for name in os.listdir(self._fd):
+                if _SEGMENT_RE.match(name):
+                    return True
+                m = _LEASE_RE.match(name)
+                if m and not self._lease_live(m):
+                    return True
+        except OSError:
+            return False
+        return False
+
+    # -- inspection and maintenance ----------------------------------------------------------------------
+
+    def status(self) -> SpoolStatus:
+        """Segments, spans, bytes and age of what waits, plus the drops and corrupt records on record."""
+        segments = spans = size = leased = 0
+        oldest: Optional[int] = None
+        dropped = corrupt = 0
+        with self._lock:
+            for _payload, n, created in self._memory:
+                segments += 1
+                spans += n
+                size += len(_payload)
+                oldest = created if oldest is None else min(oldest, created)
+        if self._fd is not None:
+            for _name, created, n, nbytes, live_lease in self._entries():
+                if live_lease:
+                    leased += 1
+                    continue
+                segments += 1
+                spans += n
+                size += nbytes
+                oldest = created if oldest is None else min(oldest, created)
+            dropped, corrupt = self._read_events()
+        age = None if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
+        return SpoolStatus(
+            directory=str(self.directory),
+            segments=segments,
+            spans=spans,
+            bytes=size,
+            oldest_age=age,
+            dropped=dropped,
+            corrupt=corrupt,
+            leased=leased,
+            memory_only=not self._writable,
+        )
+
+    def purge(self) -> int:
+        """Delete everything pending (not batches another live process is sending); returns spans removed."""
+        removed = 0
+        with self._lock:
+            removed += sum(n for _p, n, _c in self._memory)
+            self._memory.clear()
+            self._memory_bytes = 0
+        if self._fd is None:
+            return removed
+        with contextlib.suppress(OSError):
+            self._recover_leases()
+            for name in self._pending():
+                lease = f"{name}.lease-{self._owner_token()}"
+                try:
+                    os.rename(name, lease, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                    os.unlink(lease, dir_fd=self._fd)
+                except FileNotFoundError:
+                    continue
+                removed += _spans_of(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_EVENTS, dir_fd=self._fd)
+        return removed
+
+    def close(self) -> None:
+        """Release the directory descriptor (the spool is memory-only afterwards)."""
+        fd, self._fd, self._writable = self._fd, None, False
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _degrade(self, reason: str) -> None:
+        self._writable = False
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        _stats.incr("spool_memory_only")
+        # Under ``-W error`` the warning is an exception: it must still not reach the application.
+        with contextlib.suppress(Exception):
+            warnings.warn(
+                f"ctxprop: the offline spool is unusable ({reason}); spans that cannot be sent are kept in "
+                "memory only and are lost if the process ends before the collector is back. Point "
+                "CTXPROP_SPOOL_DIR or init(spool_dir=...) at a private, writable directory.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _owner_token(self) -> str:
+        pid = os.getpid()
+        if pid != self._token_pid:
+            # Recomputed after fork(): a child must not hold leases in its parent's name.
+            info = _start_time(pid)
+            self._token = f"{pid}-{_BOOT}-{info[1] if info else 0}"
+            self._token_pid = pid
+        return self._token
+
+    def _new_name(self, created: int, span_count: int) -> str:
+        return f"seg-{created:020d}-{os.getpid()}-{secrets.token_hex(4)}-{span_count}.ctxs"
+
+    def _write_file(
+        self,
+        name: str,
+        payload: bytes,
+        span_count: int,
+        created: int,
+        *,
+        sync: bool,
+        direct: bool = False,
+    ) -> None:
+        """Write one record to ``name``, through a temp name renamed when complete.
+
+        ``direct`` writes ``name`` itself: for a lease, which no replay reads while its owner lives, and
+        where a write torn by a crash is only a skipped record; it saves a rename per durable batch.
+        """
+        assert self._fd is not None  # noqa: S101 - callers check _writable, which implies a descriptor
+        data = _FILE_MAGIC + _encode_record(payload, span_count, created)
+        target = name if direct else f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(target, dir_fd=self._fd)
+            raise
+        os.close(fd)
+        if not direct:
+            os.rename(target, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+
+    def _memory_append(self, payload: bytes, span_count: int, created: int) -> None:
+        with self._lock:
+            self._memory.append((payload, span_count, created))
+            self._memory_bytes += len(payload)
+            while self._memory_bytes > self.max_bytes and self._memory:
+                old, n, _c = self._memory.popleft()
+                self._memory_bytes -= len(old)
+                _stats.incr("spool_dropped_spans", n)
+                _stats.incr("spool_dropped_segments")
+
+    def _replay_memory(self, send: Callable[[bytes, float], bool], deadline: float) -> tuple[int, bool]:
+        delivered = 0
+        while True:
+            with self._lock:
+                if not self._memory:
+                    return delivered, True
+                item = self._memory.popleft()
+                self._memory_bytes -= len(item[0])
+            remaining = deadline - time.monotonic()
+            ok = False
+            if remaining > 0:
+                try:
+                    ok = bool(send(item[0], remaining))
+                except Exception:  # noqa: BLE001 - a failing sender is a failed send
+                    ok = False
+            if not ok:
+                with self._lock:
+                    self._memory.appendleft(item)
+                    self._memory_bytes += len(item[0])
+                return delivered, False
+            delivered += item[1]
+
+    def _read_segment(self, name: str) -> Optional[bytes]:
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        try:
+            fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=self._fd)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return None
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def _send_segment(
+        self, name: str, lease: str, send: Callable[[bytes, float], bool], deadline: float
+    ) -> tuple[int, bool]:
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        data = self._read_segment(lease)
+        if data is None:
+            # Not a regular file of ours (planted): never send it, never keep it.
+            with contextlib.suppress(OSError):
+                os.unlink(lease, dir_fd=self._fd)
+            return 0, True
+        records, corrupt = _parse_records(data)
+        if corrupt:
+            _stats.incr("spool_corrupt_records", corrupt)
+            self._note_event("corrupt", corrupt)
+        delivered = 0
+        for index, (payload, spans, _created) in enumerate(records):
+            remaining = deadline - time.monotonic()
+            ok = False
+            if remaining > 0:
+                try:
+                    ok = bool(send(payload, remaining))
+                except Exception:  # noqa: BLE001 - a failing sender is a failed send
+                    ok = False
+            if not ok:
+                self._give_back(name, lease, records[index:], intact=index == 0 and not corrupt)
+                return delivered, False
+            delivered += spans
+        with contextlib.suppress(OSError):
+            os.unlink(lease, dir_fd=self._fd)
+        return delivered, True
+
+    def _give_back(self, name: str, lease: str, rest: list[tuple[bytes, int, int]], *, intact: bool) -> None:
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        if intact:
+            os.rename(lease, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            return
+        # Part of the segment was delivered: only the rest goes back, so nothing is sent twice.
+        created = rest[0][2]
+        spans = sum(r[1] for r in rest)
+        data = _FILE_MAGIC + b"".join(_encode_record(p, n, c) for p, n, c in rest)
+        tmp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.rename(tmp, self._new_name(created, spans), src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        os.unlink(lease, dir_fd=self._fd)
+
+    def _pending(self) -> list[str]:
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        return sorted(n for n in os.listdir(self._fd) if _SEGMENT_RE.match(n))
+
+    def _lease_live(self, m: re.Match[str]) -> bool:
+        pid, boot, start = int(m.group(4)), m.group(5), int(m.group(6))
+        if pid == os.getpid():
+            return m.group(0).endswith(self._owner_token())
+        return _owner_alive(pid, boot, start)
+
+    def _entries(self) -> Iterator[tuple[str, int, int, int, bool]]:
+        """(name, created_ns, spans, bytes, leased by a live process) of every segment and lease."""
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        for name in os.listdir(self._fd):
+            m = _SEGMENT_RE.match(name)
+            lm = None if m else _LEASE_RE.match(name)
+            if not (m or lm):
+                continue
+            try:
+                nbytes = os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_size
+            except OSError:
+                continue
+            if m:
+                yield name, int(m.group(1)), int(m.group(4)), nbytes, False
+            elif lm:
+                yield name, int(lm.group(2)), int(lm.group(3)), nbytes, self._lease_live(lm)
+
+    def _recover_leases(self) -> None:
+        """Leases (and temp files) whose owner is gone: leases go back to pending, temp files go."""
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        for name in os.listdir(self._fd):
+            lm = _LEASE_RE.match(name)
+            if lm and not self._lease_live(lm):
+                with contextlib.suppress(OSError):
+                    os.rename(name, lm.group(1), src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                continue
+            tm = _TMP_RE.match(name)
+            if tm and not _owner_alive(int(tm.group(1)), _BOOT, 0):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self._fd)
+
+    def _housekeeping(self) -> None:
+        with contextlib.suppress(Exception):
+            self._recover_leases()
+            self._enforce_bounds()
+
+    def _enforce_bounds(self) -> None:
+        """Drop the oldest pending segments while over the size cap, and any older than the age cap."""
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        entries = sorted(self._entries(), key=lambda e: e[0] if not e[4] else "")
+        total = sum(e[3] for e in entries)
+        expiry = time.time_ns() - int(self.max_age * 1e9)
+        dropped_spans = dropped_segments = 0
+        for name, created, spans, nbytes, live_lease in entries:
+            if live_lease or not _SEGMENT_RE.match(name):
+                continue
+            if total <= self.max_bytes and created >= expiry:
+                continue
+            try:
+                os.unlink(name, dir_fd=self._fd)
+            except FileNotFoundError:
+                continue  # a replay leased it meanwhile: it is being sent, not dropped
+            total -= nbytes
+            dropped_spans += spans
+            dropped_segments += 1
+        if dropped_segments:
+            _stats.incr("spool_dropped_spans", dropped_spans)
+            _stats.incr("spool_dropped_segments", dropped_segments)
+            self._note_event("dropped", dropped_spans)
+
+    def _note_event(self, kind: str, n: int) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(_EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=self._fd)
+            try:
+                if os.fstat(fd).st_size < _EVENTS_MAX:
+                    # One short O_APPEND write: lines from concurrent processes never interleave.
+                    os.write(fd, f"{kind} {n}\n".encode("ascii"))
+            finally:
+                os.close(fd)
+
+    def _read_events(self) -> tuple[int, int]:
+        dropped = corrupt = 0
+        data = self._read_segment(_EVENTS) if self._fd is not None else None
+        for line in (data or b"").decode("ascii", "replace").splitlines():
+            kind, _, count = line.partition(" ")
+            if count.isdigit():
+                if kind == "dropped":
+                    dropped += int(count)
+                elif kind == "corrupt":
+                    corrupt += int(count)
+        return dropped, corrupt
+
+
+def _spans_of(name: str) -> int:
+    m = _SEGMENT_RE.match(name)
+    return int(m.group(4)) if m else 0
