@@ -329,16 +329,23 @@ class Spool:
 
     # -- sending -------------------------------------------------------------------------------------
 
-    def replay(self, send: Callable[[bytes, float], bool], deadline: float) -> int:
+    def replay(
+        self,
+        send: Callable[[bytes, float], bool],
+        deadline: float,
+        *,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> int:
         """Send what is pending, oldest first, until done, a send fails or ``deadline`` (monotonic) passes.
 
         ``send(payload, timeout_s)`` returns True when the collector acknowledged the request. Each segment
         is leased before it is read, so concurrent replays (threads or processes) never send one twice, and
-        removed only after every record in it was acknowledged. Returns the spans delivered.
+        removed only after every record in it was acknowledged. Returns the spans delivered;
+        ``progress(spans)`` is called after each acknowledged record.
         """
         delivered = 0
         try:
-            delivered, ok = self._replay_memory(send, deadline)
+            delivered, ok = self._replay_memory(send, deadline, progress)
             if ok and self._fd is not None:
                 self._housekeeping()
                 for name in self._pending():
@@ -349,7 +356,7 @@ class Spool:
                         os.rename(name, lease, src_dir_fd=self._fd, dst_dir_fd=self._fd)
                     except FileNotFoundError:
                         continue  # another replay, here or in another process, took it first
-                    sent, ok = self._send_segment(name, lease, send, deadline)
+                    sent, ok = self._send_segment(name, lease, send, deadline, progress)
                     delivered += sent
                     if not ok:
                         break
@@ -523,7 +530,9 @@ class Spool:
                 _stats.incr("spool_dropped_spans", n)
                 _stats.incr("spool_dropped_segments")
 
-    def _replay_memory(self, send: Callable[[bytes, float], bool], deadline: float) -> tuple[int, bool]:
+    def _replay_memory(
+        self, send: Callable[[bytes, float], bool], deadline: float, progress: Optional[Callable[[int], None]]
+    ) -> tuple[int, bool]:
         delivered = 0
         while True:
             with self._lock:
@@ -544,6 +553,7 @@ class Spool:
                     self._memory_bytes += len(item[0])
                 return delivered, False
             delivered += item[1]
+            _report(progress, item[1])
 
     def _read_segment(self, name: str) -> Optional[bytes]:
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
@@ -566,7 +576,12 @@ class Spool:
             os.close(fd)
 
     def _send_segment(
-        self, name: str, lease: str, send: Callable[[bytes, float], bool], deadline: float
+        self,
+        name: str,
+        lease: str,
+        send: Callable[[bytes, float], bool],
+        deadline: float,
+        progress: Optional[Callable[[int], None]],
     ) -> tuple[int, bool]:
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
         data = self._read_segment(lease)
@@ -592,6 +607,7 @@ class Spool:
                 self._give_back(name, lease, records[index:], intact=index == 0 and not corrupt)
                 return delivered, False
             delivered += spans
+            _report(progress, spans)
         with contextlib.suppress(OSError):
             os.unlink(lease, dir_fd=self._fd)
         return delivered, True
@@ -709,6 +725,12 @@ class Spool:
                 elif kind == "corrupt":
                     corrupt += int(count)
         return dropped, corrupt
+
+
+def _report(progress: Optional[Callable[[int], None]], spans: int) -> None:
+    if progress is not None:
+        with contextlib.suppress(Exception):
+            progress(spans)
 
 
 def _spans_of(name: str) -> int:
