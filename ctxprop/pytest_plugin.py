@@ -1,1 +1,175 @@
-"""Placeholder for the ctxprop pytest plugin (issue 6, being written)."""
+"""The ctxprop pytest plugin: a ``ctxprop_spans`` fixture to check your code's spans in your own tests.
+
+Installed with ctxprop (entry point ``pytest11``), so it is loaded in every pytest run: this module imports
+nothing beyond ``pytest`` until a test asks for the fixture.
+
+.. code-block:: python
+
+    def test_report_job(ctxprop_spans):
+        run_report_job()          # your code: spans in worker threads, asyncio, ...
+        ctxprop_spans.assert_no_orphans("report")
+        ctxprop_spans.assert_parent("render page", "report")
+        ctxprop_spans.assert_tags("render page", tenant="acme")
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import pytest
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+__all__ = ["SpanCapture", "ctxprop_spans"]
+
+
+def _describe(span: ReadableSpan) -> str:
+    ctx = span.context
+    sid = format(ctx.span_id, "016x") if ctx is not None else "?"
+    return f"{span.name!r} (span {sid})"
+
+
+class SpanCapture:
+    """The spans the code under test ended, with assertions about how they hang together.
+
+    Got from the ``ctxprop_spans`` fixture, which calls ``ctxprop.init()`` with an in-memory exporter
+    for the test and tears the pipeline down after it.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, exporter: InMemorySpanExporter) -> None:
+        self._exporter = exporter
+
+    @property
+    def spans(self) -> list[ReadableSpan]:
+        """Every span ended so far (flushed first), in the order they ended."""
+        import ctxprop
+
+        ctxprop.flush()
+        return list(self._exporter.get_finished_spans())
+
+    def by_name(self, name: str) -> list[ReadableSpan]:
+        """The spans called ``name``."""
+        return [s for s in self.spans if s.name == name]
+
+    def one(self, name: str) -> ReadableSpan:
+        """The single span called ``name``; fails if there are none or several."""
+        found = self.by_name(name)
+        if len(found) != 1:
+            raise AssertionError(f"expected exactly one span {name!r}, found {len(found)}{self._names()}")
+        return found[0]
+
+    def clear(self) -> None:
+        """Forget the spans captured so far."""
+        import ctxprop
+
+        ctxprop.flush()
+        self._exporter.clear()
+
+    def _names(self, spans: Optional[Sequence[ReadableSpan]] = None) -> str:
+        spans = self.spans if spans is None else spans
+        names = sorted({s.name for s in spans})
+        return f"; spans captured: {', '.join(repr(n) for n in names) or 'none'}"
+
+    def _named(self, name: str, spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+        found = [s for s in spans if s.name == name]
+        if not found:
+            raise AssertionError(f"no span named {name!r}{self._names(spans)}")
+        return found
+
+    def assert_no_orphans(self, *roots: str) -> None:
+        """Every span's parent was captured too, except for spans named in ``roots``.
+
+        A span started on a thread that did not get the caller's context becomes a root of its own trace,
+        so name every span that is meant to be a root: anything else without a captured parent fails.
+        """
+        spans = self.spans
+        ids = {(s.context.trace_id, s.context.span_id) for s in spans if s.context is not None}
+        problems = []
+        for s in spans:
+            parent = s.parent
+            if s.name in roots:
+                continue
+            if parent is None:
+                problems.append(f"{_describe(s)} has no parent: it started without its caller's context")
+            elif (parent.trace_id, parent.span_id) not in ids:
+                problems.append(f"{_describe(s)} has parent {parent.span_id:016x}, which was not captured")
+        if problems:
+            named = ", ".join(repr(r) for r in roots) or "none"
+            raise AssertionError(
+                f"{len(problems)} orphaned span(s) (roots allowed: {named}):\n  " + "\n  ".join(problems)
+            )
+
+    def assert_parent(self, child_name: str, parent_name: str) -> None:
+        """Every span called ``child_name`` is a direct child of a span called ``parent_name``."""
+        spans = self.spans
+        by_id = {s.context.span_id: s for s in spans if s.context is not None}
+        self._named(parent_name, spans)
+        problems = []
+        for child in self._named(child_name, spans):
+            parent = child.parent
+            if parent is None:
+                problems.append(f"{_describe(child)} has no parent")
+                continue
+            actual = by_id.get(parent.span_id)
+            if actual is None:
+                problems.append(f"{_describe(child)} has parent {parent.span_id:016x}, not captured")
+            elif actual.name != parent_name:
+                problems.append(f"{_describe(child)} has parent {_describe(actual)}")
+        if problems:
+            head = f"expected every {child_name!r} span under a {parent_name!r} span:"
+            raise AssertionError(head + "\n  " + "\n  ".join(problems))
+
+    def assert_tags(self, span_name: str, **tags: Any) -> None:
+        """Every span called ``span_name`` has these attributes with these values (scope tags land there).
+
+        Sequence values compare equal whether given as a list or a tuple.
+        """
+        problems = []
+        for s in self._named(span_name, self.spans):
+            attrs = dict(s.attributes or {})
+            for key, want in tags.items():
+                have = attrs.get(key, _MISSING)
+                if have is _MISSING:
+                    problems.append(f"{_describe(s)} lacks tag {key!r} (has {attrs!r})")
+                elif _comparable(have) != _comparable(want):
+                    problems.append(f"{_describe(s)} has {key}={have!r}, expected {want!r}")
+        if problems:
+            raise AssertionError("tag mismatch:\n  " + "\n  ".join(problems))
+
+
+_MISSING = object()
+
+
+def _comparable(value: Any) -> Any:
+    # OTel stores sequence attributes as tuples; a test naturally writes lists.
+    return tuple(value) if isinstance(value, list) else value
+
+
+@pytest.fixture
+def ctxprop_spans() -> Iterator[SpanCapture]:
+    """Capture the spans of this test in memory (``ctxprop.init(exporter=InMemorySpanExporter())``).
+
+    The pipeline is set up before the test and torn down after it, so spans from one test never show
+    up in another.
+
+    .. versionadded:: 0.1.0
+    """
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import ctxprop
+    from ctxprop import _pipeline
+
+    _pipeline._reset_for_tests()
+    exporter = InMemorySpanExporter()
+    ctxprop.init(exporter=exporter, service_name="pytest")
+    try:
+        yield SpanCapture(exporter)
+    finally:
+        _pipeline._reset_for_tests()

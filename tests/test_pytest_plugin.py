@@ -1,0 +1,176 @@
+"""The pytest plugin: the ``ctxprop_spans`` fixture and its assertions, run inside pytester sessions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from support import REPO, child_env
+
+pytest_plugins = ["pytester"]
+
+# The code under test in the inner sessions: a job span and three step spans on a 2-thread pool.
+_APP = '''
+from concurrent.futures import ThreadPoolExecutor
+
+from opentelemetry import trace
+
+import ctxprop
+
+
+def step(i):
+    with trace.get_tracer("app").start_as_current_span("step", attributes={"i": i}):
+        ctxprop.set_tag("leak", i)
+
+
+def job(pool_class, tenant="acme"):
+    tracer = trace.get_tracer("app")
+    with ctxprop.isolation_scope(), pool_class(max_workers=2) as pool:
+        ctxprop.set_tag("tenant", tenant)
+        with tracer.start_as_current_span("job"):
+            list(pool.map(step, range(3)))
+'''
+
+
+@pytest.fixture
+def app(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A pytester dir holding the example application module."""
+    pytester.makepyfile(app=_APP)
+    pytester.syspathinsert()
+    return pytester
+
+
+def test_fixture_is_offered_by_the_entry_point(app: pytest.Pytester) -> None:
+    """The fixture is available with no conftest: pytest loads the plugin through its pytest11 entry point."""
+    result = app.runpytest_inprocess("--fixtures", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*ctxprop_spans*"])
+
+
+def test_passing_assertions_on_propagated_spans(app: pytest.Pytester) -> None:
+    """With ctxprop's pool every assertion holds: no orphans, steps under the job, tags on the steps."""
+    app.makepyfile(
+        test_ok="""
+        import ctxprop
+        from app import job
+
+        def test_job(ctxprop_spans):
+            job(ctxprop.ContextAwareThreadPoolExecutor)
+            assert [s.name for s in ctxprop_spans.spans].count("step") == 3
+            assert len(ctxprop_spans.by_name("step")) == 3
+            assert ctxprop_spans.one("job").name == "job"
+            ctxprop_spans.assert_no_orphans("job")
+            ctxprop_spans.assert_parent("step", "job")
+            ctxprop_spans.assert_tags("step", tenant="acme")
+            ctxprop_spans.assert_tags("job", tenant="acme")
+        """
+    )
+    result = app.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_no_orphans_fails_for_a_plain_pool_and_names_the_spans(app: pytest.Pytester) -> None:
+    """With a plain pool the steps lose their parent: assert_no_orphans fails and says which and why."""
+    app.makepyfile(
+        test_plain="""
+        from concurrent.futures import ThreadPoolExecutor
+        from app import job
+
+        def test_job(ctxprop_spans):
+            job(ThreadPoolExecutor)
+            ctxprop_spans.assert_no_orphans("job")
+        """
+    )
+    result = app.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*3 orphaned span(s) (roots allowed: 'job')*",
+            "*'step' (span *) has no parent: it started without its caller's context*",
+        ]
+    )
+
+
+def test_assert_parent_and_assert_tags_failure_messages(app: pytest.Pytester) -> None:
+    """assert_parent reports the actual parent; assert_tags reports missing and wrong values."""
+    app.makepyfile(
+        test_msgs="""
+        import pytest
+        import ctxprop
+        from app import job
+
+        def test_parent(ctxprop_spans):
+            job(ctxprop.ContextAwareThreadPoolExecutor)
+            ctxprop_spans.assert_parent("job", "step")
+
+        def test_wrong_tag(ctxprop_spans):
+            job(ctxprop.ContextAwareThreadPoolExecutor, tenant="other")
+            ctxprop_spans.assert_tags("step", tenant="acme")
+
+        def test_missing_tag(ctxprop_spans):
+            job(ctxprop.ContextAwareThreadPoolExecutor)
+            ctxprop_spans.assert_tags("job", region="eu")
+
+        def test_unknown_name(ctxprop_spans):
+            job(ctxprop.ContextAwareThreadPoolExecutor)
+            ctxprop_spans.assert_tags("nope", region="eu")
+        """
+    )
+    result = app.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(
+        [
+            "*expected every 'job' span under a 'step' span:*",
+            "*'job' (span *) has no parent*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*'step' (span *) has tenant='other', expected 'acme'*"])
+    result.stdout.fnmatch_lines(["*'job' (span *) lacks tag 'region'*"])
+    result.stdout.fnmatch_lines(["*no span named 'nope'; spans captured: 'job', 'step'*"])
+
+
+def test_spans_never_cross_tests(app: pytest.Pytester) -> None:
+    """Each test gets a fresh pipeline: spans of one test are not seen by the next, and clear() works."""
+    app.makepyfile(
+        test_iso="""
+        from opentelemetry import trace
+
+        def test_first(ctxprop_spans):
+            with trace.get_tracer("t").start_as_current_span("first"):
+                pass
+            assert [s.name for s in ctxprop_spans.spans] == ["first"]
+            ctxprop_spans.clear()
+            assert ctxprop_spans.spans == []
+            with trace.get_tracer("t").start_as_current_span("again"):
+                pass
+            assert [s.name for s in ctxprop_spans.spans] == ["again"]
+
+        def test_second(ctxprop_spans):
+            assert ctxprop_spans.spans == []
+        """
+    )
+    result = app.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_importing_the_plugin_has_no_side_effects() -> None:
+    """Loading the plugin (as every pytest run does) sets no tracer provider and starts no thread."""
+    code = (
+        "import json, threading\n"
+        "import ctxprop.pytest_plugin\n"
+        "from opentelemetry import trace\n"
+        "print(json.dumps({'threads': threading.active_count(),"
+        " 'provider': type(trace.get_tracer_provider()).__name__}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=str(REPO),
+        timeout=60,
+        check=True,
+    )
+    assert out.stderr == ""
+    assert json.loads(out.stdout) == {"threads": 1, "provider": "ProxyTracerProvider"}
