@@ -1,0 +1,498 @@
+"""The spool in one process: format, corruption, bounds, permissions, leases, durable write-ahead."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import OTLPReceiver, receiver  # noqa: F401
+
+from ctxprop import _spool, _stats
+from ctxprop._receiver import decode_request
+from ctxprop._spool import Spool, default_spool_dir
+from ctxprop._spool_cli import make_sender
+
+FAR = float("inf")
+
+
+def otlp_batches(n_batches: int, per_batch: int, prefix: str = "s") -> list[bytes]:
+    """Real OTLP request bytes from the official encoder, span names ``{prefix}{batch}-{i}``."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    out = []
+    for b in range(n_batches):
+        for i in range(per_batch):
+            with tracer.start_as_current_span(f"{prefix}{b}-{i}"):
+                pass
+        out.append(encode_spans(exporter.get_finished_spans()).SerializeToString())
+        exporter.clear()
+    provider.shutdown()
+    return out
+
+
+def names_in(payloads: list[bytes]) -> list[str]:
+    return [s.name for p in payloads for s in decode_request(p)]
+
+
+class Collect:
+    """A ``send`` that records what it was given and can be told to fail."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.payloads: list[bytes] = []
+        self.fail_after = fail_after
+        self.lock = threading.Lock()
+
+    def __call__(self, payload: bytes, timeout: float) -> bool:
+        with self.lock:
+            if self.fail_after is not None and len(self.payloads) >= self.fail_after:
+                return False
+            self.payloads.append(payload)
+            return True
+
+
+def files(d: Path) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+def segments(d: Path) -> list[str]:
+    return [n for n in files(d) if n.startswith("seg-") and n.endswith(".ctxs")]
+
+
+def write_raw_segment(d: Path, records: list[tuple[bytes, int]], created_ns: int | None = None) -> Path:
+    """A multi-record segment written byte by byte in the documented format."""
+    created = time.time_ns() if created_ns is None else created_ns
+    data = _spool._FILE_MAGIC + b"".join(_spool._encode_record(p, n, created) for p, n in records)
+    spans = sum(n for _p, n in records)
+    path = d / f"seg-{created:020d}-{os.getpid()}-0badcafe-{spans}.ctxs"
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+def test_append_then_replay_sends_the_same_otlp_bytes_once(tmp_path: Path) -> None:
+    """Spooled OTLP requests come back byte for byte, oldest first, and the spool is empty afterwards."""
+    batches = otlp_batches(3, 5)
+    spool = Spool.open(tmp_path / "spool")
+    for b in batches:
+        spool.append(b, 5)
+    assert spool.has_pending()
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 15
+    assert sent.payloads == batches
+    assert not spool.has_pending()
+    assert segments(tmp_path / "spool") == []
+    assert spool.replay(sent, FAR) == 0
+    assert _stats.snapshot()["spool_replayed_spans"] == 15
+
+
+def test_segment_format_is_magic_then_checksummed_records(tmp_path: Path) -> None:
+    """A segment file is the file magic then one header+payload record whose CRC-32 covers header and payload."""
+    spool = Spool.open(tmp_path)
+    spool.append(b"payload-bytes", 7)
+    (name,) = segments(tmp_path)
+    assert name.endswith("-7.ctxs")
+    data = (tmp_path / name).read_bytes()
+    assert data.startswith(_spool._FILE_MAGIC)
+    records, corrupt = _spool._parse_records(data)
+    assert corrupt == 0
+    assert [(p, n) for p, n, _c in records] == [(b"payload-bytes", 7)]
+    assert data.endswith(b"payload-bytes")
+
+
+def test_spool_replays_to_a_real_collector(tmp_path: Path, receiver: OTLPReceiver) -> None:  # noqa: F811
+    """Replay through the OTLP/HTTP sender delivers every spooled span to a loopback collector."""
+    spool = Spool.open(tmp_path)
+    for b in otlp_batches(4, 25):
+        spool.append(b, 25)
+    assert spool.replay(make_sender(receiver.endpoint), time.monotonic() + 30) == 100
+    assert receiver.wait_for_spans(100, 10)
+    names = Counter(s.name for s in receiver.spans)
+    assert len(names) == 100
+    assert set(names.values()) == {1}
+
+
+def test_collector_down_keeps_the_segment_pending(tmp_path: Path, receiver: OTLPReceiver) -> None:  # noqa: F811
+    """A refused or failing send leaves the segment pending, unchanged, for the next replay."""
+    spool = Spool.open(tmp_path)
+    spool.append(otlp_batches(1, 3)[0], 3)
+    before = segments(tmp_path)
+    receiver.set_mode("503")
+    assert spool.replay(make_sender(receiver.endpoint), time.monotonic() + 10) == 0
+    assert segments(tmp_path) == before
+    receiver.set_mode("ok")
+    assert spool.replay(make_sender(receiver.endpoint), time.monotonic() + 10) == 3
+    assert segments(tmp_path) == []
+
+
+def test_partial_failure_never_resends_acknowledged_records(tmp_path: Path) -> None:
+    """When a send fails mid-segment, the acknowledged records are gone and only the rest stays pending."""
+    recs = [(f"r{i}".encode(), i + 1) for i in range(4)]
+    write_raw_segment(tmp_path, recs)
+    spool = Spool.open(tmp_path)
+    first = Collect(fail_after=2)
+    assert spool.replay(first, FAR) == 1 + 2
+    (rest,) = segments(tmp_path)
+    assert rest.endswith("-7.ctxs")
+    second = Collect()
+    assert spool.replay(second, FAR) == 3 + 4
+    assert first.payloads + second.payloads == [p for p, _n in recs]
+
+
+def test_replay_stops_at_the_deadline(tmp_path: Path) -> None:
+    """A deadline already passed sends nothing and keeps everything."""
+    spool = Spool.open(tmp_path)
+    spool.append(b"x", 1)
+    sent = Collect()
+    assert spool.replay(sent, time.monotonic() - 1) == 0
+    assert sent.payloads == []
+    assert len(segments(tmp_path)) == 1
+
+
+def test_a_raising_sender_is_a_failed_send(tmp_path: Path) -> None:
+    """A send that raises is treated as not acknowledged; replay returns normally."""
+    spool = Spool.open(tmp_path)
+    spool.append(b"x", 1)
+
+    def boom(payload: bytes, timeout: float) -> bool:
+        raise ConnectionError("down")
+
+    assert spool.replay(boom, FAR) == 0
+    assert len(segments(tmp_path)) == 1
+
+
+def test_corrupt_byte_in_the_middle_loses_only_that_record(tmp_path: Path) -> None:
+    """A flipped payload byte in the middle record: that record is skipped and counted, the others are sent."""
+    batches = otlp_batches(3, 4)
+    path = write_raw_segment(tmp_path, [(b, 4) for b in batches])
+    data = bytearray(path.read_bytes())
+    middle = data.index(batches[1]) + len(batches[1]) // 2
+    data[middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    spool = Spool.open(tmp_path)
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 8
+    assert sent.payloads == [batches[0], batches[2]]
+    assert _stats.snapshot()["spool_corrupt_records"] == 1
+    assert spool.status().corrupt == 1
+    assert segments(tmp_path) == []
+
+
+def test_corrupt_length_field_resynchronises_on_the_next_record(tmp_path: Path) -> None:
+    """A damaged record header (length) does not hide the records after it."""
+    path = write_raw_segment(tmp_path, [(b"a" * 50, 1), (b"b" * 50, 1), (b"c" * 50, 1)])
+    data = bytearray(path.read_bytes())
+    second = len(_spool._FILE_MAGIC) + _spool._REC_HEAD.size + 50
+    data[second + 4] ^= 0x7F  # the u32 length of the second record
+    path.write_bytes(bytes(data))
+    sent = Collect()
+    assert Spool.open(tmp_path).replay(sent, FAR) == 2
+    assert sent.payloads == [b"a" * 50, b"c" * 50]
+    assert _stats.snapshot()["spool_corrupt_records"] == 1
+
+
+def test_truncated_segment_sends_the_complete_records(tmp_path: Path) -> None:
+    """A segment cut short (crash mid-write) keeps its complete records; the torn tail is counted."""
+    path = write_raw_segment(tmp_path, [(b"a" * 40, 2), (b"b" * 40, 3)])
+    path.write_bytes(path.read_bytes()[:-10])
+    sent = Collect()
+    assert Spool.open(tmp_path).replay(sent, FAR) == 2
+    assert sent.payloads == [b"a" * 40]
+    assert _stats.snapshot()["spool_corrupt_records"] == 1
+
+
+def test_size_cap_drops_the_oldest_segments_and_counts_them(tmp_path: Path) -> None:
+    """Over the size cap, the oldest segments go first; drops show in stats() and in status()."""
+    spool = Spool.open(tmp_path, max_bytes=5000)
+    for i in range(10):
+        spool.append(bytes([i]) * 1000, 10)
+    st = spool.status()
+    assert st.bytes <= 5000
+    kept = st.segments
+    assert 1 <= kept < 10
+    assert _stats.snapshot()["spool_dropped_spans"] == (10 - kept) * 10
+    assert _stats.snapshot()["spool_dropped_segments"] == 10 - kept
+    assert st.dropped == (10 - kept) * 10
+    sent = Collect()
+    spool.replay(sent, FAR)
+    assert [p[0] for p in sent.payloads] == list(range(10 - kept, 10))
+
+
+def test_age_cap_drops_expired_segments_when_opened(tmp_path: Path) -> None:
+    """Segments older than the age cap are dropped (and counted) when the spool is opened."""
+    write_raw_segment(tmp_path, [(b"old", 4)], created_ns=time.time_ns() - 3600 * 10**9)
+    write_raw_segment(tmp_path, [(b"new", 2)])
+    spool = Spool.open(tmp_path, max_age=60)
+    assert _stats.snapshot()["spool_dropped_spans"] == 4
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 2
+    assert sent.payloads == [b"new"]
+
+
+def test_status_reports_segments_spans_bytes_and_age(tmp_path: Path) -> None:
+    """status() counts segments, spans and bytes from the listing and gives the oldest segment's age."""
+    spool = Spool.open(tmp_path)
+    assert spool.status().segments == 0
+    assert spool.status().oldest_age is None
+    write_raw_segment(tmp_path, [(b"x" * 10, 3)], created_ns=time.time_ns() - 50 * 10**9)
+    spool.append(b"y" * 20, 4)
+    st = spool.status()
+    assert (st.segments, st.spans) == (2, 7)
+    assert st.bytes == sum((tmp_path / n).stat().st_size for n in segments(tmp_path))
+    assert st.oldest_age is not None
+    assert 49 < st.oldest_age < 3600
+    assert not st.memory_only
+
+
+def test_directory_is_created_0700_and_files_0600(tmp_path: Path) -> None:
+    """A new spool directory is 0700 (parents included) and every segment file is 0600."""
+    d = tmp_path / "a" / "b" / "spool"
+    spool = Spool.open(d)
+    spool.append(b"x", 1)
+    spool.write_ahead(b"y", 1)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE(d.parent.stat().st_mode) == 0o700
+    for name in files(d):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+
+
+def test_wide_mode_of_an_own_directory_is_repaired(tmp_path: Path) -> None:
+    """A spool directory of this user left 0777 is brought back to 0700."""
+    d = tmp_path / "spool"
+    d.mkdir()
+    d.chmod(0o777)
+    Spool.open(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_symlinked_directory_is_refused_with_one_warning(tmp_path: Path) -> None:
+    """A symlink in place of the spool dir is never followed: memory-only spool and one RuntimeWarning."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "spool"
+    link.symlink_to(target)
+    with pytest.warns(RuntimeWarning, match="symbolic link") as caught:
+        spool = Spool.open(link)
+        spool.append(b"a", 1)
+        spool.append(b"b", 1)
+    assert len(caught) == 1
+    assert os.listdir(target) == []
+    st = spool.status()
+    assert st.memory_only
+    assert (st.segments, st.spans) == (2, 2)
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 2
+    assert sent.payloads == [b"a", b"b"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a directory owned by another user")
+def test_another_users_directory_is_refused(tmp_path: Path) -> None:
+    """A directory pre-created by another user is refused (memory-only, one warning), never written to."""
+    d = tmp_path / "spool"
+    d.mkdir(mode=0o777)
+    os.chown(d, 65534, 65534)
+    with pytest.warns(RuntimeWarning, match="belongs to uid 65534"):
+        spool = Spool.open(d)
+    spool.append(b"x", 1)
+    assert os.listdir(d) == []
+    assert spool.status().memory_only
+
+
+def test_planted_symlink_segment_is_never_followed(tmp_path: Path) -> None:
+    """A symlink named like a segment is not read through nor sent, and its target is untouched."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(_spool._FILE_MAGIC + _spool._encode_record(b"secret", 1, time.time_ns()))
+    d = tmp_path / "spool"
+    spool = Spool.open(d)
+    (d / f"seg-{time.time_ns():020d}-1-deadbeef-1.ctxs").symlink_to(secret)
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 0
+    assert sent.payloads == []
+    assert secret.exists()
+
+
+def test_write_ahead_is_invisible_to_replay_until_released(tmp_path: Path) -> None:
+    """A batch written ahead is leased by its writer: replay skips it; release() makes it pending."""
+    spool = Spool.open(tmp_path)
+    handle = spool.write_ahead(b"batch", 9)
+    assert handle is not None
+    assert not spool.has_pending()
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 0
+    assert spool.status().leased == 1
+    spool.release(handle)
+    assert spool.has_pending()
+    assert spool.replay(sent, FAR) == 9
+    assert sent.payloads == [b"batch"]
+
+
+def test_ack_removes_the_write_ahead_record(tmp_path: Path) -> None:
+    """ack() after a delivered export leaves nothing behind."""
+    spool = Spool.open(tmp_path)
+    spool.ack(spool.write_ahead(b"batch", 9))
+    assert files(tmp_path) == []
+    spool.ack(None)
+    spool.release(None)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_lease_of_a_dead_process_is_recovered(tmp_path: Path) -> None:
+    """A lease whose owner pid is gone goes back to pending and is sent by the next replay."""
+    spool = Spool.open(tmp_path)
+    handle = spool.write_ahead(b"orphan", 5)
+    assert isinstance(handle, _spool._Handle)
+    pid = dead_pid()
+    orphan = handle.pending + f".lease-{pid}-{_spool._BOOT}-0"
+    os.rename(tmp_path / handle.lease, tmp_path / orphan)
+    assert spool.has_pending()
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 5
+    assert sent.payloads == [b"orphan"]
+
+
+def test_lease_behind_a_reused_pid_is_recovered(tmp_path: Path) -> None:
+    """A lease naming a live pid with another start time (pid reused) is recovered too."""
+    spool = Spool.open(tmp_path)
+    handle = spool.write_ahead(b"reused", 2)
+    assert isinstance(handle, _spool._Handle)
+    live_pid = os.getppid()
+    info = _spool._start_time(live_pid)
+    if info is None:
+        pytest.skip("no /proc start times on this platform")
+    os.rename(tmp_path / handle.lease, tmp_path / (handle.pending + f".lease-{live_pid}-{_spool._BOOT}-{info[1] + 1}"))
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 2
+
+
+def test_lease_of_a_live_process_is_left_alone(tmp_path: Path) -> None:
+    """A lease held by another running process is neither sent nor counted as pending."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        info = _spool._start_time(proc.pid)
+        start = info[1] if info else 0
+        spool = Spool.open(tmp_path)
+        handle = spool.write_ahead(b"busy", 3)
+        assert isinstance(handle, _spool._Handle)
+        os.rename(tmp_path / handle.lease, tmp_path / (handle.pending + f".lease-{proc.pid}-{_spool._BOOT}-{start}"))
+        assert not spool.has_pending()
+        assert spool.replay(Collect(), FAR) == 0
+        assert spool.status().leased == 1
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait()
+    assert Spool.open(tmp_path).replay(Collect(), FAR) == 3
+
+
+def test_concurrent_replays_in_threads_send_each_segment_once(tmp_path: Path) -> None:
+    """Eight threads replaying one spool at once deliver every segment exactly once."""
+    spool = Spool.open(tmp_path)
+    for i in range(200):
+        spool.append(i.to_bytes(2, "big"), 1)
+    sent = Collect()
+    barrier = threading.Barrier(8)
+    totals: list[int] = []
+
+    def go() -> None:
+        barrier.wait()
+        totals.append(spool.replay(sent, FAR))
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(totals) == 200
+    assert sorted(sent.payloads) == [i.to_bytes(2, "big") for i in range(200)]
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    """An incomplete temp segment left by a dead process is cleaned up, never sent."""
+    (tmp_path / f".tmp-{dead_pid()}-0000abcd").write_bytes(b"half a segment")
+    spool = Spool.open(tmp_path)
+    assert files(tmp_path) == []
+    assert spool.replay(Collect(), FAR) == 0
+
+
+def test_purge_removes_pending_and_the_event_log(tmp_path: Path) -> None:
+    """purge() deletes pending segments, memory records and the drop log, and says how many spans went."""
+    spool = Spool.open(tmp_path, max_bytes=1500)
+    for _ in range(3):
+        spool.append(b"z" * 1000, 4)
+    assert spool.status().dropped > 0
+    assert spool.purge() == 4
+    st = spool.status()
+    assert (st.segments, st.dropped) == (0, 0)
+    assert files(tmp_path) == []
+
+
+def test_memory_only_spool_is_bounded(tmp_path: Path) -> None:
+    """A memory-only spool keeps at most max_bytes and counts what it drops."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.warns(RuntimeWarning, match="memory only"):
+        spool = Spool.open(blocker / "spool", max_bytes=2500)
+    for i in range(5):
+        spool.append(bytes([i]) * 1000, 3)
+    st = spool.status()
+    assert st.memory_only
+    assert st.segments == 2
+    assert _stats.snapshot()["spool_dropped_spans"] == 9
+    assert spool.write_ahead(b"x", 1) is None
+
+
+def test_warning_is_an_exception_under_error_filter_but_never_reaches_the_caller(tmp_path: Path) -> None:
+    """With warnings turned into errors (as here), opening an unusable spool still returns a spool."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    spool = Spool.open(blocker / "spool")
+    spool.append(b"x", 1)
+    assert spool.status().memory_only
+
+
+def test_default_dir_honours_env_and_sanitises_the_service(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """CTXPROP_SPOOL_DIR wins; else $XDG_STATE_HOME/ctxprop/<service>; else ~/.local/state; names sanitised."""
+    monkeypatch.setenv("CTXPROP_SPOOL_DIR", str(tmp_path / "explicit"))
+    assert default_spool_dir("svc") == tmp_path / "explicit"
+    monkeypatch.delenv("CTXPROP_SPOOL_DIR")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert default_spool_dir("billing/api ../x") == tmp_path / "state" / "ctxprop" / "billing_api_.._x"
+    assert default_spool_dir("..") == tmp_path / "state" / "ctxprop" / "unknown_service"
+    assert default_spool_dir(None).name == "unknown_service"
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_spool_dir("svc") == tmp_path / "home" / ".local" / "state" / "ctxprop" / "svc"
+
+
+def test_replay_reports_progress_per_record(tmp_path: Path) -> None:
+    """The progress callback gets the span count of each acknowledged record."""
+    spool = Spool.open(tmp_path)
+    spool.append(b"a", 3)
+    spool.append(b"b", 4)
+    seen: list[int] = []
+    spool.replay(Collect(), FAR, progress=seen.append)
+    assert seen == [3, 4]
+
+
+def test_names_helper_decodes_spooled_batches() -> None:
+    """The test helper's batches are real OTLP requests (guards the helpers the other tests rely on)."""
+    assert names_in(otlp_batches(1, 2, prefix="p")) == ["p0-0", "p0-1"]
