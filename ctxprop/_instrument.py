@@ -1,13 +1,266 @@
-"""Placeholder: ``instrument()`` / ``uninstrument()`` (issue 5, being written)."""
+"""``instrument()``: make the standard library's executors propagate context with no code change.
+
+Patched with wrapt (each patch undone by :func:`uninstrument`, which only ever restores a wrapt proxy of
+ours):
+
+- ``concurrent.futures.ThreadPoolExecutor.submit``: captures like ``ContextAwareThreadPoolExecutor``
+  (so ``map`` and ``loop.run_in_executor`` with a thread pool or the loop's default executor follow);
+  executors that propagate themselves are left alone, so nothing is captured twice.
+- ``threading.Thread.start`` (so ``Timer`` and subclasses that override ``run`` follow): the thread's
+  ``run`` runs in the context of the code that called ``start()``. Threads that executors and
+  ``multiprocessing`` start for their own machinery are excluded: a pool's worker thread is started by
+  whichever ``submit`` comes first, and must not keep that caller's context for the rest of its life.
+- ``asyncio.BaseEventLoop.run_in_executor`` for executors that are not thread pools: a
+  ``ProcessPoolExecutor`` gets the cross-process envelope of ``ContextAwareProcessPoolExecutor`` (trace
+  context and tags travel, worker spans come back); any other executor gets a captured snapshot.
+
+``opentelemetry-instrument python app.py`` turns this on through the ``opentelemetry_instrumentor``
+entry point (:class:`CtxpropInstrumentor`).
+"""
 
 from __future__ import annotations
 
-__all__ = ["instrument", "uninstrument"]
+import asyncio.base_events
+import concurrent.futures.thread
+import functools
+import threading
+from collections.abc import Callable, Collection
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextvars import copy_context
+from typing import Any
+
+import wrapt
+
+from ctxprop import _capture
+from ctxprop._capture import _capture_extra, _enter
+from ctxprop._scopes import CURRENT, ISOLATION
+
+__all__ = ["CtxpropInstrumentor", "instrument", "is_instrumented", "uninstrument"]
+
+_lock = threading.Lock()
+_active = False  # read by every wrapper: uninstrument() turns them into pass-throughs at once
+# (owner, attribute, wrapper function) of each patch of ours still in place
+_patches: list[tuple[Any, str, Callable[..., Any]]] = []
+
+# Modules whose threads are executor or multiprocessing machinery, started on behalf of whichever caller
+# happens to come first: they must run in their own clean context.
+_INFRA_MODULES = frozenset(
+    {
+        "concurrent.futures.thread",
+        "concurrent.futures.process",
+        "multiprocessing.pool",
+        "multiprocessing.queues",
+        "multiprocessing.managers",
+        "multiprocessing.resource_sharer",
+    }
+)
+
+
+def _propagates_itself(executor: object) -> bool:
+    from ctxprop._executors import ContextAwareThreadPoolExecutor
+
+    return isinstance(executor, ContextAwareThreadPoolExecutor) or bool(
+        getattr(executor, "_ctxprop_propagates", False)
+    )
+
+
+def _run_captured(ctx: Any, iso: Any, cur: Any, extra: Any, fn: Any, args: Any, kwargs: Any) -> Any:
+    return ctx.run(_enter, iso, cur, extra, fn, args, kwargs)
+
+
+def _submit_wrapper(
+    wrapped: Callable[..., Future[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Future[Any]:
+    if not _active or not args or _propagates_itself(instance):
+        return wrapped(*args, **kwargs)
+    # Same inlined capture as ContextAwareThreadPoolExecutor.submit: this is the per-task hot path.
+    return wrapped(
+        _run_captured,
+        copy_context(),
+        ISOLATION.get()._tags,
+        CURRENT.get()._tags,
+        _capture_extra() if _capture._hooks else (),
+        args[0],
+        args[1:],
+        kwargs,
+    )
+
+
+def _is_infrastructure(thread: threading.Thread) -> bool:
+    target = getattr(thread, "_target", None)
+    module = getattr(target, "__module__", None) if target is not None else type(thread).__module__
+    return module in _INFRA_MODULES
+
+
+def _start_wrapper(
+    wrapped: Callable[..., None], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    if (
+        not _active
+        or not isinstance(instance, threading.Thread)
+        or instance.ident is not None
+        or "run" in instance.__dict__
+        or getattr(instance, "_ctxprop_propagates", False)
+        or _is_infrastructure(instance)
+    ):
+        return wrapped(*args, **kwargs)
+    snap = _capture.capture()
+    run = instance.run  # the subclass's own run(), if it overrides it
+
+    def run_in_snapshot() -> None:
+        try:
+            snap._run_once(run)
+        finally:
+            instance.__dict__.pop("run", None)  # drop the cycle thread -> closure -> thread
+
+    instance.run = run_in_snapshot  # type: ignore[method-assign]
+    try:
+        return wrapped(*args, **kwargs)
+    except BaseException:
+        instance.__dict__.pop("run", None)
+        raise
+
+
+class _ProcessSubmit:
+    """What ``run_in_executor`` sees instead of a process pool: a ``submit`` that sends the envelope."""
+
+    __slots__ = ("_executor",)
+
+    def __init__(self, executor: ProcessPoolExecutor) -> None:
+        self._executor = executor
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        from ctxprop._process_pool import submit_with_context
+
+        return submit_with_context(self._executor, fn, args)
+
+
+def _run_in_executor_wrapper(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    if not _active or kwargs or len(args) < 2:
+        return wrapped(*args, **kwargs)
+    executor = args[0]
+    if executor is None or isinstance(executor, ThreadPoolExecutor) or _propagates_itself(executor):
+        return wrapped(*args)  # thread pools capture in their (patched or own) submit
+    if isinstance(executor, ProcessPoolExecutor):
+        return wrapped(_ProcessSubmit(executor), *args[1:])
+    if isinstance(executor, Executor):
+        snap = _capture.capture()
+        return wrapped(executor, functools.partial(snap._run_once, args[1]), *args[2:])
+    return wrapped(*args)
+
+
+_TARGETS: tuple[tuple[Any, str, Callable[..., Any]], ...] = (
+    (concurrent.futures.thread.ThreadPoolExecutor, "submit", _submit_wrapper),
+    (threading.Thread, "start", _start_wrapper),
+    (asyncio.base_events.BaseEventLoop, "run_in_executor", _run_in_executor_wrapper),
+)
+
+
+def _ours(value: object, wrapper: Callable[..., Any]) -> bool:
+    return isinstance(value, wrapt.FunctionWrapper) and getattr(value, "_self_wrapper", None) is wrapper
 
 
 def instrument() -> None:
-    raise NotImplementedError("ctxprop.instrument is being written")
+    """Make plain ``ThreadPoolExecutor``, ``Thread``/``Timer`` and ``loop.run_in_executor`` propagate.
+
+    Idempotent and thread-safe; undone by :func:`uninstrument`.
+
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> import ctxprop
+    >>> ctxprop.instrument()
+    >>> ctxprop.set_tag("job", "nightly")
+    >>> with ThreadPoolExecutor(max_workers=1) as pool:
+    ...     pool.submit(lambda: ctxprop.get_isolation_scope().tags["job"]).result()
+    'nightly'
+    >>> ctxprop.uninstrument()
+
+    .. versionadded:: 0.1.0
+    """
+    global _active  # noqa: PLW0603
+    with _lock:
+        for owner, name, wrapper in _TARGETS:
+            if any(o is owner and n == name for o, n, _ in _patches):
+                continue  # still in place (another wrapper went on top of it): just re-enable it
+            wrapt.wrap_function_wrapper(owner, name, wrapper)
+            _patches.append((owner, name, wrapper))
+        _active = True
 
 
 def uninstrument() -> None:
-    raise NotImplementedError("ctxprop.uninstrument is being written")
+    """Undo :func:`instrument`: the patched attributes are the original functions again (``is``).
+
+    A patch that another library wrapped on top of since is left in place, switched off.
+
+    .. versionadded:: 0.1.0
+    """
+    global _active  # noqa: PLW0603
+    with _lock:
+        _active = False
+        kept = []
+        for owner, name, wrapper in _patches:
+            current = owner.__dict__.get(name)
+            if _ours(current, wrapper):
+                setattr(owner, name, current.__wrapped__)
+            else:
+                kept.append((owner, name, wrapper))
+        _patches[:] = kept
+
+
+def is_instrumented() -> bool:
+    """Whether :func:`instrument` is in effect.
+
+    .. versionadded:: 0.1.0
+    """
+    return _active
+
+
+class _FallbackInstrumentor:
+    """The parts of ``BaseInstrumentor`` used here, when opentelemetry-instrumentation is absent."""
+
+    def instrument(self, **kwargs: Any) -> None:
+        self._instrument(**kwargs)
+
+    def uninstrument(self, **kwargs: Any) -> None:
+        self._uninstrument(**kwargs)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+
+def _instrumentor_base() -> Any:
+    # Looked up at run time: mypy does not see BaseInstrumentor in opentelemetry-instrumentation 0.66b1,
+    # and ctxprop does not depend on that package (only opentelemetry-instrument loads this class).
+    try:
+        from opentelemetry.instrumentation import instrumentor
+
+        return getattr(instrumentor, "BaseInstrumentor", _FallbackInstrumentor)
+    except ImportError:  # pragma: no cover
+        return _FallbackInstrumentor
+
+
+_Base: Any = _instrumentor_base()
+
+
+class CtxpropInstrumentor(_Base):  # type: ignore[misc]
+    """The ``opentelemetry_instrumentor`` entry point: ``opentelemetry-instrument python app.py`` calls
+    :func:`instrument` before the application starts.
+
+    >>> CtxpropInstrumentor().instrument()
+    >>> CtxpropInstrumentor().uninstrument()
+
+    .. versionadded:: 0.1.0
+    """
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ()
+
+    def _instrument(self, **kwargs: Any) -> None:
+        instrument()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        uninstrument()
