@@ -1,0 +1,218 @@
+"""The Sentry adapter, against the real sentry-sdk with an in-process transport keeping events in a list."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import sentry_sdk
+from sentry_sdk.transport import Transport
+from support import run_child
+
+import ctxprop
+from ctxprop import _capture, _sentry
+
+
+class ListTransport(Transport):
+    """Keeps every event Sentry would send, in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def capture_envelope(self, envelope: Any) -> None:
+        event = envelope.get_event()
+        if event is not None:
+            with self._lock:
+                self.events.append(event)
+
+    def by_message(self, message: str) -> dict[str, Any]:
+        found = [e for e in self.events if e.get("message") == message]
+        assert len(found) == 1, (message, [e.get("message") for e in self.events])
+        return found[0]
+
+
+@pytest.fixture
+def sentry() -> Iterator[ListTransport]:
+    """sentry-sdk initialised with an in-memory transport and only the ctxprop integration."""
+    transport = ListTransport()
+    sentry_sdk.init(
+        dsn="http://public@127.0.0.1:9/1",
+        transport=transport,
+        default_integrations=False,
+        auto_enabling_integrations=False,
+        integrations=[_sentry.CtxpropIntegration()],
+    )
+    # setup_once() runs once per process; the fixture switches the adapter on for every test itself.
+    _sentry.enable()
+    try:
+        with sentry_sdk.isolation_scope():
+            yield transport
+    finally:
+        _sentry.disable()
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+
+
+def _tags(event: dict[str, Any]) -> dict[str, Any]:
+    return dict(event.get("tags") or {})
+
+
+def test_submitter_tags_reach_events_captured_in_pool_tasks(sentry: ListTransport) -> None:
+    """Each round's Sentry tags are on its tasks' events, on reused threads; a plain pool loses them."""
+    for pool_class in (ctxprop.ContextAwareThreadPoolExecutor, ThreadPoolExecutor):
+        with pool_class(max_workers=2) as pool:
+            for rnd in range(1, 6):
+                with sentry_sdk.isolation_scope():
+                    sentry_sdk.set_tag("round", str(rnd))
+                    futures = [
+                        pool.submit(sentry_sdk.capture_message, f"{pool_class.__name__} {rnd}.{j}")
+                        for j in range(3)
+                    ]
+                    for f in futures:
+                        f.result()
+    for rnd in range(1, 6):
+        for j in range(3):
+            ours = sentry.by_message(f"ContextAwareThreadPoolExecutor {rnd}.{j}")
+            assert _tags(ours).get("round") == str(rnd)
+            plain = sentry.by_message(f"ThreadPoolExecutor {rnd}.{j}")
+            assert _tags(plain).get("round") != str(rnd)
+
+
+def test_task_scope_changes_do_not_leak_back_or_forward(sentry: ListTransport) -> None:
+    """A tag set by a task is on its own event only: not on the submitter's nor the next task's."""
+
+    def task(i: int) -> None:
+        sentry_sdk.set_tag(f"task{i}", "yes")
+        sentry_sdk.get_current_scope().set_tag(f"current{i}", "yes")
+        sentry_sdk.capture_message(f"task {i}")
+
+    sentry_sdk.set_tag("submitter", "yes")
+    with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(task, 1).result()
+        pool.submit(task, 2).result()
+    sentry_sdk.capture_message("submitter")
+    t1, t2, sub = (sentry.by_message(m) for m in ("task 1", "task 2", "submitter"))
+    assert _tags(t1) == {"submitter": "yes", "task1": "yes", "current1": "yes"}
+    assert _tags(t2) == {"submitter": "yes", "task2": "yes", "current2": "yes"}
+    assert _tags(sub) == {"submitter": "yes"}
+
+
+def test_without_the_adapter_a_task_writes_into_the_submitters_scope(sentry: ListTransport) -> None:
+    """Control: a bare context copy shares Sentry's mutable scope objects, so a task's tag leaks back."""
+    _sentry.disable()
+    sentry_sdk.set_tag("submitter", "yes")
+    with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(sentry_sdk.set_tag, "task", "leaked").result()
+    sentry_sdk.capture_message("submitter")
+    assert _tags(sentry.by_message("submitter")) == {"submitter": "yes", "task": "leaked"}
+
+
+def test_scopes_are_forked_at_submit_time(sentry: ListTransport) -> None:
+    """A task sees the submitter's tags as they were at submit, not changes made while it waited."""
+    gate = threading.Event()
+    with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(gate.wait, 30)  # occupies the only thread
+        sentry_sdk.set_tag("phase", "at-submit")
+        fut = pool.submit(sentry_sdk.capture_message, "queued")
+        sentry_sdk.set_tag("phase", "later")
+        gate.set()
+        fut.result()
+    assert _tags(sentry.by_message("queued"))["phase"] == "at-submit"
+
+
+def test_run_in_executor_with_context_carries_sentry_scopes(sentry: ListTransport) -> None:
+    """run_in_executor_with_context carries the tags, with a plain pool and with the loop's default."""
+
+    async def handler(request_id: str, executor: Any) -> None:
+        with sentry_sdk.isolation_scope():
+            sentry_sdk.set_tag("request_id", request_id)
+            await ctxprop.run_in_executor_with_context(
+                None, executor, sentry_sdk.capture_message, f"req {request_id}"
+            )
+
+    async def main() -> None:
+        with ThreadPoolExecutor(max_workers=2) as plain:
+            await asyncio.gather(*(handler(f"p{i}", plain) for i in range(4)))
+        await asyncio.gather(*(handler(f"d{i}", None) for i in range(4)))
+
+    asyncio.run(main())
+    for rid in [f"p{i}" for i in range(4)] + [f"d{i}" for i in range(4)]:
+        assert _tags(sentry.by_message(f"req {rid}")) == {"request_id": rid}
+
+
+def test_wrap_gives_each_run_its_own_scope(sentry: ListTransport) -> None:
+    """A wrapped function called twice: the second call does not see the first call's tag."""
+
+    def job(n: int) -> None:
+        sentry_sdk.set_tag(f"call{n}", "yes")
+        sentry_sdk.capture_message(f"call {n}")
+
+    sentry_sdk.set_tag("origin", "main")
+    bound = ctxprop.wrap(job)
+    bound(1)
+    bound(2)
+    assert _tags(sentry.by_message("call 1")) == {"origin": "main", "call1": "yes"}
+    assert _tags(sentry.by_message("call 2")) == {"origin": "main", "call2": "yes"}
+
+
+def test_disabled_adapter_adds_no_capture_hook() -> None:
+    """When not enabled, capture() carries no Sentry state at all (nothing runs on the capture path)."""
+    _sentry.disable()
+    assert not _sentry.enabled()
+    assert ctxprop.capture()._extra == ()
+    _sentry.enable()
+    try:
+        assert ctxprop.capture()._extra[0][0] is _capture._hooks[0]
+    finally:
+        _sentry.disable()
+
+
+def test_integration_and_auto_enable_in_a_fresh_process() -> None:
+    """Fresh process: off after import; auto_enable() needs an initialised Sentry; the integration enables."""
+    result = run_child(
+        """
+        import json
+        import sentry_sdk
+        from sentry_sdk.transport import Transport
+        import ctxprop
+        from ctxprop import _sentry
+
+        class T(Transport):
+            events = []
+            def capture_envelope(self, envelope):
+                ev = envelope.get_event()
+                if ev is not None:
+                    self.events.append(ev)
+
+        before = _sentry.enabled()
+        auto_uninitialised = _sentry.auto_enable()
+        sentry_sdk.init(dsn="http://k@127.0.0.1:9/1", transport=T(), default_integrations=False,
+                        integrations=[_sentry.CtxpropIntegration()])
+        after_integration = _sentry.enabled()
+        _sentry.disable()
+        auto_initialised = _sentry.auto_enable()
+        sentry_sdk.set_tag("job", "nightly")
+        with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(sentry_sdk.set_tag, "task", "x").result()
+            pool.submit(sentry_sdk.capture_message, "from pool").result()
+        sentry_sdk.capture_message("main")
+        tags = {e["message"]: e.get("tags", {}) for e in T.events}
+        print(json.dumps({"before": before, "auto_uninitialised": auto_uninitialised,
+                          "after_integration": after_integration, "auto_initialised": auto_initialised,
+                          "tags": tags}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    out = result.json_lines[-1]
+    assert out["before"] is False
+    assert out["auto_uninitialised"] is False
+    assert out["after_integration"] is True
+    assert out["auto_initialised"] is True
+    assert out["tags"] == {"from pool": {"job": "nightly"}, "main": {"job": "nightly"}}
