@@ -331,17 +331,18 @@ class Spool:
 
     def replay(
         self,
-        send: Callable[[bytes, float], bool],
+        send: Callable[[bytes, float], object],
         deadline: float,
         *,
         progress: Optional[Callable[[int], None]] = None,
     ) -> int:
         """Send what is pending, oldest first, until done, a send fails or ``deadline`` (monotonic) passes.
 
-        ``send(payload, timeout_s)`` returns True when the collector acknowledged the request. Each segment
-        is leased before it is read, so concurrent replays (threads or processes) never send one twice, and
-        removed only after every record in it was acknowledged. Returns the spans delivered;
-        ``progress(spans)`` is called after each acknowledged record.
+        ``send(payload, timeout_s)`` returns True when the collector acknowledged the request (or an
+        outcome with ``.ok``; one with ``.permanent`` set drops that record, counted, as unsendable).
+        Each segment is leased before it is read, so concurrent replays (threads or processes) never send
+        one twice, and it is removed only after every record in it was acknowledged. Returns the spans
+        delivered; ``progress(spans)`` is called after each acknowledged record.
         """
         delivered = 0
         try:
@@ -531,7 +532,10 @@ class Spool:
                 _stats.incr("spool_dropped_segments")
 
     def _replay_memory(
-        self, send: Callable[[bytes, float], bool], deadline: float, progress: Optional[Callable[[int], None]]
+        self,
+        send: Callable[[bytes, float], object],
+        deadline: float,
+        progress: Optional[Callable[[int], None]],
     ) -> tuple[int, bool]:
         delivered = 0
         while True:
@@ -540,18 +544,15 @@ class Spool:
                     return delivered, True
                 item = self._memory.popleft()
                 self._memory_bytes -= len(item[0])
-            remaining = deadline - time.monotonic()
-            ok = False
-            if remaining > 0:
-                try:
-                    ok = bool(send(item[0], remaining))
-                except Exception:  # noqa: BLE001 - a failing sender is a failed send
-                    ok = False
-            if not ok:
+            verdict = _attempt(send, item[0], deadline)
+            if verdict is _FAILED:
                 with self._lock:
                     self._memory.appendleft(item)
                     self._memory_bytes += len(item[0])
                 return delivered, False
+            if verdict is _REJECTED:
+                _stats.incr("spool_rejected_spans", item[1])
+                continue
             delivered += item[1]
             _report(progress, item[1])
 
@@ -579,7 +580,7 @@ class Spool:
         self,
         name: str,
         lease: str,
-        send: Callable[[bytes, float], bool],
+        send: Callable[[bytes, float], object],
         deadline: float,
         progress: Optional[Callable[[int], None]],
     ) -> tuple[int, bool]:
@@ -596,16 +597,16 @@ class Spool:
             self._note_event("corrupt", corrupt)
         delivered = 0
         for index, (payload, spans, _created) in enumerate(records):
-            remaining = deadline - time.monotonic()
-            ok = False
-            if remaining > 0:
-                try:
-                    ok = bool(send(payload, remaining))
-                except Exception:  # noqa: BLE001 - a failing sender is a failed send
-                    ok = False
-            if not ok:
+            verdict = _attempt(send, payload, deadline)
+            if verdict is _FAILED:
                 self._give_back(name, lease, records[index:], intact=index == 0 and not corrupt)
                 return delivered, False
+            if verdict is _REJECTED:
+                # The collector refuses this request for good: keeping it would block everything after it.
+                _stats.incr("spool_rejected_spans", spans)
+                self._note_event("rejected", spans)
+                corrupt = 1  # the segment no longer matches the file: a give-back must rewrite it
+                continue
             delivered += spans
             _report(progress, spans)
         with contextlib.suppress(OSError):
@@ -725,6 +726,31 @@ class Spool:
                 elif kind == "corrupt":
                     corrupt += int(count)
         return dropped, corrupt
+
+
+_DELIVERED, _REJECTED, _FAILED = "delivered", "rejected", "failed"
+
+
+def _attempt(send: Callable[[bytes, float], object], payload: bytes, deadline: float) -> str:
+    """One send within what is left of ``deadline``.
+
+    ``send`` may answer a bool, or an outcome with ``ok`` and ``permanent`` attributes (the pipeline's
+    sender): a permanent refusal (e.g. HTTP 400) is not worth keeping, anything else is retried later.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return _FAILED
+    try:
+        answer = send(payload, remaining)
+    except Exception:  # noqa: BLE001 - a failing sender is a failed send
+        return _FAILED
+    if isinstance(answer, bool):
+        return _DELIVERED if answer else _FAILED
+    if getattr(answer, "ok", False) is True:
+        return _DELIVERED
+    if getattr(answer, "permanent", False) is True:
+        return _REJECTED
+    return _FAILED
 
 
 def _report(progress: Optional[Callable[[int], None]], spans: int) -> None:

@@ -501,3 +501,32 @@ def test_replay_reports_progress_per_record(tmp_path: Path) -> None:
 def test_names_helper_decodes_spooled_batches() -> None:
     """The test helper's batches are real OTLP requests (guards the helpers the other tests rely on)."""
     assert names_in(otlp_batches(1, 2, prefix="p")) == ["p0-0", "p0-1"]
+
+
+class Outcome:
+    """Shaped like the pipeline's SendOutcome: ``ok`` and ``permanent``."""
+
+    def __init__(self, ok: bool, permanent: bool = False) -> None:
+        self.ok = ok
+        self.permanent = permanent
+
+
+def test_outcome_senders_are_understood(tmp_path: Path) -> None:
+    """A sender answering outcome objects: ok delivers, retryable keeps, permanent drops that record only."""
+    spool = Spool.open(tmp_path)
+    for name in (b"keep", b"bad", b"good"):
+        spool.append(name, 2)
+    answers = {b"keep": [Outcome(False), Outcome(True)], b"bad": [Outcome(False, permanent=True)]}
+    seen: list[bytes] = []
+
+    def send(payload: bytes, timeout: float) -> Outcome:
+        seen.append(payload)
+        queue = answers.get(payload)
+        return queue.pop(0) if queue else Outcome(True)
+
+    assert spool.replay(send, FAR) == 0
+    assert seen == [b"keep"]
+    assert spool.replay(send, FAR) == 4
+    assert seen == [b"keep", b"keep", b"bad", b"good"]
+    assert _stats.snapshot()["spool_rejected_spans"] == 2
+    assert not spool.has_pending()
