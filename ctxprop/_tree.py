@@ -68,9 +68,11 @@ class Node:
 
     def walk(self) -> Iterable[Node]:
         """This node, then its descendants, depth first in start order."""
-        yield self
-        for child in self.children:
-            yield from child.walk()
+        stack = [self]
+        while stack:  # no recursion: traces can be deeper than the recursion limit
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node.children))
 
 
 def group_by_trace(spans: Iterable[SpanLike]) -> dict[str, list[SpanLike]]:
@@ -160,16 +162,15 @@ def render_forest(
     if not roots:
         return []
     rows: list[tuple[str, Node]] = []
-
-    def prefixes(node: Node, lead: str, last: bool, top: bool) -> None:
-        guide = "" if top else lead + ("└─ " if last else "├─ ")
-        rows.append((guide, node))
+    # (node, guides of its ancestors, is last sibling); a stack, not recursion: traces can be deep.
+    stack: list[tuple[Node, str, bool]] = [(r, "", True) for r in reversed(roots)]
+    while stack:
+        node, lead, last = stack.pop()
+        top = node.depth == 0
+        rows.append(("" if top else lead + ("└─ " if last else "├─ "), node))
         child_lead = "" if top else lead + ("   " if last else "│  ")
-        for i, child in enumerate(node.children):
-            prefixes(child, child_lead, i == len(node.children) - 1, False)
-
-    for root in roots:
-        prefixes(root, "", True, True)
+        n = len(node.children)
+        stack.extend((c, child_lead, i == n - 1) for i, c in reversed(list(enumerate(node.children))))
 
     all_nodes = [n for _, n in rows]
     lo = min(n.span.start_ns for n in all_nodes)
