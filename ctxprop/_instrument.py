@@ -162,6 +162,16 @@ def _ours(value: object, wrapper: Callable[..., Any]) -> bool:
     return isinstance(value, wrapt.FunctionWrapper) and getattr(value, "_self_wrapper", None) is wrapper
 
 
+def _in_chain(value: object, wrapper: Callable[..., Any]) -> bool:
+    for _ in range(32):  # wrappers of wrappers, bounded against a cycle
+        if _ours(value, wrapper):
+            return True
+        if not isinstance(value, wrapt.ObjectProxy):
+            return False
+        value = value.__wrapped__
+    return False
+
+
 def instrument() -> None:
     """Make plain ``ThreadPoolExecutor``, ``Thread``/``Timer`` and ``loop.run_in_executor`` propagate.
 
@@ -180,9 +190,12 @@ def instrument() -> None:
     """
     global _active  # noqa: PLW0603
     with _lock:
+        # A patch kept by uninstrument() (another wrapper on top of it) is re-enabled, not stacked again,
+        # unless someone has since removed it from the chain.
+        _patches[:] = [(o, n, w) for o, n, w in _patches if _in_chain(o.__dict__.get(n), w)]
         for owner, name, wrapper in _TARGETS:
             if any(o is owner and n == name for o, n, _ in _patches):
-                continue  # still in place (another wrapper went on top of it): just re-enable it
+                continue
             wrapt.wrap_function_wrapper(owner, name, wrapper)
             _patches.append((owner, name, wrapper))
         _active = True
