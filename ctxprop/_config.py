@@ -1,0 +1,259 @@
+"""The pipeline's configuration: ``init()`` keyword arguments over ``OTEL_*`` variables over defaults.
+
+Everything is resolved and validated once, at ``init()``, so a mistake raises a ``ValueError`` that says
+what to change instead of surfacing later as silently lost spans.
+
+>>> cfg = build_config(endpoint="http://127.0.0.1:4318/v1/traces", environ={})
+>>> cfg.endpoint, cfg.max_queue_size >= cfg.max_export_batch_size
+('http://127.0.0.1:4318/v1/traces', True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+__all__ = ["DEFAULT_ENDPOINT", "PipelineConfig", "build_config", "resolve_endpoint"]
+
+DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
+DEFAULT_MAX_QUEUE_SIZE = 8192
+DEFAULT_MAX_EXPORT_BATCH_SIZE = 1024
+DEFAULT_SCHEDULE_DELAY = 1.0
+DEFAULT_EXPORT_TIMEOUT = 10.0
+_COMPRESSIONS = ("none", "gzip", "deflate")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Resolved settings of one pipeline (immutable)."""
+
+    service_name: Optional[str]
+    endpoint: str
+    headers: Mapping[str, str]
+    compression: str
+    export_timeout: float
+    close_timeout: float
+    max_queue_size: int
+    max_export_batch_size: int
+    schedule_delay: float
+    spool_dir: Optional[str]
+    durable: bool
+    handle_signals: bool
+    resource_attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _env(environ: Mapping[str, str], *names: str) -> Optional[tuple[str, str]]:
+    for name in names:
+        value = environ.get(name)
+        if value is not None and value.strip() != "":
+            return name, value.strip()
+    return None
+
+
+def _check_url(url: str, source: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a non-numeric or out-of-range port
+    except ValueError as e:
+        raise ValueError(f"{source}: malformed URL {url!r} ({e}); expected e.g. {DEFAULT_ENDPOINT}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"{source}: unknown scheme {parts.scheme!r} in {url!r}; ctxprop exports OTLP over http or https"
+            f" (e.g. {DEFAULT_ENDPOINT})"
+        )
+    if not parts.hostname:
+        raise ValueError(f"{source}: malformed URL {url!r}: no host; expected e.g. {DEFAULT_ENDPOINT}")
+    del port
+    return url
+
+
+def resolve_endpoint(endpoint: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> str:
+    """The traces URL: ``endpoint``, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` as is, else
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else ``http://localhost:4318/v1/traces``.
+
+    >>> resolve_endpoint(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"})
+    'http://c:4318/v1/traces'
+
+    .. versionadded:: 0.1.0
+    """
+    env = os.environ if environ is None else environ
+    if endpoint is not None:
+        if not isinstance(endpoint, str) or not endpoint.strip():
+            raise ValueError(
+                f"init(endpoint=...): malformed URL {endpoint!r}; expected e.g. {DEFAULT_ENDPOINT}"
+            )
+        return _check_url(endpoint.strip(), "init(endpoint=...)")
+    found = _env(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if found:
+        return _check_url(found[1], found[0])
+    found = _env(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if found:
+        base = _check_url(found[1], found[0])
+        return base.rstrip("/") + "/v1/traces"
+    return DEFAULT_ENDPOINT
+
+
+def _positive_int(value: Optional[int], environ: Mapping[str, str], var: str, default: int, arg: str) -> int:
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"init({arg}={value!r}): must be a positive integer")
+        return value
+    found = _env(environ, var)
+    if not found:
+        return default
+    try:
+        n = int(found[1])
+    except ValueError:
+        raise ValueError(f"{var}={found[1]!r}: must be a positive integer") from None
+    if n <= 0:
+        raise ValueError(f"{var}={found[1]!r}: must be a positive integer")
+    return n
+
+
+def _seconds(value: Any, what: str, *, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what}={value!r}: must be a number of seconds")
+    v = float(value)
+    if math.isnan(v) or v < 0 or (v == 0 and not allow_zero) or math.isinf(v):
+        raise ValueError(f"{what}={value!r}: must be a finite, non-negative number of seconds")
+    return v
+
+
+def _env_seconds(environ: Mapping[str, str], var: str, scale: float) -> Optional[float]:
+    found = _env(environ, var)
+    if not found:
+        return None
+    try:
+        v = float(found[1])
+    except ValueError:
+        raise ValueError(f"{var}={found[1]!r}: must be a number") from None
+    return _seconds(v * scale, var)
+
+
+def _headers(headers: Optional[Mapping[str, str]], environ: Mapping[str, str]) -> dict[str, str]:
+    from opentelemetry.util.re import parse_env_headers
+
+    out: dict[str, str] = {}
+    found = _env(environ, "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+    if found:
+        parsed = parse_env_headers(found[1], liberal=True)
+        if not parsed:
+            raise ValueError(f"{found[0]}={found[1]!r}: expected comma-separated key=value pairs")
+        out.update(parsed)
+    for k, v in (headers or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise ValueError(f"init(headers=...): header names and values must be strings, got {k!r}: {v!r}")
+        out[k.lower()] = v
+    return out
+
+
+def _compression(value: Optional[str], environ: Mapping[str, str]) -> str:
+    if value is not None:
+        source, raw = "init(compression=...)", str(getattr(value, "value", value))
+    else:
+        found = _env(environ, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")
+        if not found:
+            return "none"
+        source, raw = found
+    c = raw.strip().lower()
+    if c not in _COMPRESSIONS:
+        raise ValueError(f"{source}: unknown compression {raw!r}; use one of {', '.join(_COMPRESSIONS)}")
+    return c
+
+
+def build_config(
+    *,
+    service_name: Optional[str] = None,
+    endpoint: Optional[str] = None,
+    spool_dir: Optional[str] = None,
+    close_timeout: float = 3.0,
+    durable: bool = False,
+    handle_signals: bool = True,
+    headers: Optional[Mapping[str, str]] = None,
+    compression: Optional[str] = None,
+    max_queue_size: Optional[int] = None,
+    max_export_batch_size: Optional[int] = None,
+    schedule_delay: Optional[float] = None,
+    resource_attributes: Optional[Mapping[str, Any]] = None,
+    export_timeout: Optional[float] = None,
+    environ: Optional[Mapping[str, str]] = None,
+) -> PipelineConfig:
+    """Resolve and validate the pipeline settings; raises ``ValueError`` naming the setting to fix.
+
+    >>> build_config(close_timeout=-1, environ={})
+    Traceback (most recent call last):
+    ...
+    ValueError: init(close_timeout=-1): must be a finite, non-negative number of seconds
+
+    .. versionadded:: 0.1.0
+    """
+    env = os.environ if environ is None else environ
+    close_t = _seconds(close_timeout, "init(close_timeout")
+    resolved_endpoint = resolve_endpoint(endpoint, env)
+    queue = _positive_int(
+        max_queue_size, env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE, "max_queue_size"
+    )
+    batch = _positive_int(
+        max_export_batch_size,
+        env,
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        min(DEFAULT_MAX_EXPORT_BATCH_SIZE, queue),
+        "max_export_batch_size",
+    )
+    if batch > queue:
+        raise ValueError(
+            f"max_export_batch_size ({batch}) must not exceed max_queue_size ({queue}); lower the first "
+            "(OTEL_BSP_MAX_EXPORT_BATCH_SIZE) or raise the second (OTEL_BSP_MAX_QUEUE_SIZE)"
+        )
+    if schedule_delay is not None:
+        delay = _seconds(schedule_delay, "init(schedule_delay", allow_zero=False)
+    else:
+        env_delay = _env_seconds(env, "OTEL_BSP_SCHEDULE_DELAY", 1e-3)
+        delay = DEFAULT_SCHEDULE_DELAY if env_delay is None else max(env_delay, 0.001)
+    if export_timeout is not None:
+        exp_t = _seconds(export_timeout, "init(export_timeout", allow_zero=False)
+    else:
+        # The official Python exporter reads OTEL_EXPORTER_OTLP_TIMEOUT in seconds; follow it.
+        exp_t = next(
+            (
+                t
+                for t in (
+                    _env_seconds(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 1.0),
+                    _env_seconds(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 1.0),
+                )
+                if t is not None
+            ),
+            DEFAULT_EXPORT_TIMEOUT,
+        )
+        bsp_t = _env_seconds(env, "OTEL_BSP_EXPORT_TIMEOUT", 1e-3)
+        if bsp_t is not None and bsp_t > 0:
+            exp_t = min(exp_t, bsp_t)
+        if exp_t <= 0:
+            exp_t = DEFAULT_EXPORT_TIMEOUT
+    if service_name is not None and (not isinstance(service_name, str) or not service_name):
+        raise ValueError(f"init(service_name={service_name!r}): must be a non-empty string")
+    svc = service_name
+    if svc is None:
+        found = _env(env, "OTEL_SERVICE_NAME")
+        svc = found[1] if found else None
+    if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
+        raise ValueError(f"init(spool_dir={spool_dir!r}): must be a path")
+    return PipelineConfig(
+        service_name=svc,
+        endpoint=resolved_endpoint,
+        headers=_headers(headers, env),
+        compression=_compression(compression, env),
+        export_timeout=exp_t,
+        close_timeout=close_t,
+        max_queue_size=queue,
+        max_export_batch_size=batch,
+        schedule_delay=delay,
+        spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
+        durable=bool(durable),
+        handle_signals=bool(handle_signals),
+        resource_attributes=dict(resource_attributes or {}),
+    )
