@@ -8,6 +8,7 @@ resolve from the environment.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -37,17 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_endpoint(explicit: Optional[str] = None) -> str:
-    """The traces URL ``init()`` would use: explicit, else the OTLP environment, else the default."""
+    """The traces URL ``init()`` would use: explicit, else the OTLP environment, else the default.
+
+    Raises ValueError for a malformed URL, as ``init()`` does.
+    """
+    try:
+        config = importlib.import_module("ctxprop._config")
+    except ImportError:
+        config = None
+    resolve = getattr(config, "resolve_endpoint", None)
+    if callable(resolve):
+        return str(resolve(explicit))
     if explicit:
         return explicit
-    try:
-        from ctxprop import _config
-
-        resolver = getattr(_config, "resolve_endpoint", None)
-        if callable(resolver):
-            return str(resolver(None))
-    except Exception:  # noqa: BLE001, S110 - fall back to the contract's own resolution below
-        pass
     traces = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
     if traces:
         return traces
@@ -57,17 +60,26 @@ def resolve_endpoint(explicit: Optional[str] = None) -> str:
     return _DEFAULT_ENDPOINT
 
 
-def make_sender(endpoint: str) -> Callable[[bytes, float], bool]:
-    """``send(payload, timeout) -> acknowledged`` posting spooled OTLP bytes with the exporter's HTTP stack.
+def make_sender(endpoint: str) -> Callable[[bytes, float], object]:
+    """``send(payload, timeout)`` posting spooled OTLP bytes as the pipeline does.
 
-    Headers come from ``OTEL_EXPORTER_OTLP_TRACES_HEADERS`` / ``OTEL_EXPORTER_OTLP_HEADERS``.
+    The pipeline's own sender (official exporter transport, keep-alive) when present, else a plain
+    ``requests`` session (the exporter's HTTP library). Headers come from
+    ``OTEL_EXPORTER_OTLP_TRACES_HEADERS`` / ``OTEL_EXPORTER_OTLP_HEADERS``.
     """
-    import requests
     from opentelemetry.util.re import parse_env_headers
 
     env = os.environ
     raw = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS", "")
     headers = dict(parse_env_headers(raw, liberal=True))
+    try:
+        from ctxprop._export import OTLPSender
+    except ImportError:
+        pass
+    else:
+        return OTLPSender(endpoint, headers=headers)
+    import requests
+
     headers["Content-Type"] = "application/x-protobuf"
     session = requests.Session()
 
@@ -133,7 +145,11 @@ class _Progress:
 
 def _replay(spool: Spool, args: argparse.Namespace) -> int:
     before = spool.status()
-    endpoint = resolve_endpoint(args.endpoint)
+    try:
+        endpoint = resolve_endpoint(args.endpoint)
+    except ValueError as exc:
+        _say(f"cannot replay: {exc}", sys.stderr)
+        return 2
     send = make_sender(endpoint)
     progress = _Progress(before.spans, before.segments, sys.stderr)
     sent = spool.replay(send, time.monotonic() + args.timeout, progress=progress.advance)
