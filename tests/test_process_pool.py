@@ -1,0 +1,275 @@
+"""ContextAwareProcessPoolExecutor: trace context, baggage and tags reach the workers; spans come home."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from support import OTLPReceiver, receiver  # noqa: F401
+
+import ctxprop
+from ctxprop._process_pool import bind_for_process, unpack_result
+
+METHODS = ["fork", "spawn", "forkserver"]
+UNPICKLABLE: contextvars.ContextVar[object] = contextvars.ContextVar("unpicklable", default=None)
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """A pipeline exporting to memory."""
+    exp = InMemorySpanExporter()
+    ctxprop.init(exporter=exp, service_name="pool-test", handle_signals=False)
+    return exp
+
+
+@pytest.fixture
+def fresh_context() -> Iterator[None]:
+    """Each test's scopes and trace context start empty and are restored after it."""
+    token = otel_context.attach(otel_context.Context())
+    with ctxprop.isolation_scope():
+        yield
+    otel_context.detach(token)
+
+
+def tags_here() -> dict[str, Any]:
+    return {**ctxprop.get_isolation_scope().tags, **ctxprop.get_current_scope().tags}
+
+
+def traced_task(n: int) -> dict[str, Any]:
+    """Runs in a worker: makes a span, reports what context it saw."""
+    seen = tags_here()
+    with trace.get_tracer("worker").start_as_current_span(f"task-{n}") as span:
+        span.set_attribute("n", n)
+        with ctxprop.new_scope():
+            ctxprop.get_current_scope().set_tag("step", "inner")
+            trace.get_tracer("worker").start_span("inner").end()
+        ctxprop.set_tag("written_by_worker", n)  # must not reach the parent
+        return {
+            "pid": os.getpid(),
+            "tags": seen,
+            "baggage": dict(baggage.get_all()),
+            "trace_id": span.get_span_context().trace_id,
+        }
+
+
+def failing_task() -> None:
+    with trace.get_tracer("worker").start_as_current_span("doomed"):
+        raise LookupError("no such row")
+
+
+def by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
+    return {s.name: s for s in spans}
+
+
+@pytest.mark.usefixtures("fresh_context")
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_created_before_the_scope_parents_and_tags_worker_spans(
+    method: str, exporter: InMemorySpanExporter
+) -> None:
+    """A pool made before the scope sees its tags and baggage; worker spans are children of the
+    submitting span and reach the parent's exporter before shutdown() returns (fork, spawn, forkserver)."""
+    pool = ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context(method)
+    )
+    ctxprop.set_tag("job", "nightly")
+    token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+    try:
+        with trace.get_tracer("parent").start_as_current_span("submit") as parent, ctxprop.new_scope():
+            ctxprop.get_current_scope().set_tag("phase", "load")
+            out = pool.submit(traced_task, 1).result(timeout=60)
+            outs = list(pool.map(traced_task, [2, 3], chunksize=2))
+    finally:
+        otel_context.detach(token)
+    pool.shutdown()
+    # No flush here: shutdown() itself delivered the worker spans.
+    spans = by_name(list(exporter.get_finished_spans()))
+    assert out["pid"] != os.getpid()
+    assert out["tags"] == {"job": "nightly", "phase": "load"}
+    assert out["baggage"] == {"tenant": "acme"}
+    assert tags_here() == {"job": "nightly"}
+    parent_ctx = parent.get_span_context()
+    for n, result in [(1, out), (2, outs[0]), (3, outs[1])]:
+        assert result["trace_id"] == parent_ctx.trace_id
+        task = spans[f"task-{n}"]
+        assert task.parent is not None
+        assert task.parent.span_id == parent_ctx.span_id
+        assert task.context.trace_id == parent_ctx.trace_id
+        assert task.attributes is not None
+        assert task.attributes["job"] == "nightly"
+        assert task.attributes["phase"] == "load"
+        assert task.attributes["n"] == n
+        assert task.resource.attributes["service.name"] == "pool-test"
+    inner = [s for s in exporter.get_finished_spans() if s.name == "inner"]
+    assert len(inner) == 3
+    assert all(s.attributes is not None and s.attributes["step"] == "inner" for s in inner)
+    assert {s.parent.span_id for s in inner if s.parent} == {
+        spans[f"task-{n}"].context.span_id for n in (1, 2, 3)
+    }
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_worker_exception_is_reraised_and_its_span_still_delivered(exporter: InMemorySpanExporter) -> None:
+    """A task's exception reaches the caller unchanged (worker traceback as cause); its error span arrives."""
+    with ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("fork")
+    ) as pool:
+        fut = pool.submit(failing_task)
+        with pytest.raises(LookupError, match="no such row") as info:
+            fut.result(timeout=60)
+    assert "failing_task" in str(info.value.__cause__)
+    doomed = by_name(list(exporter.get_finished_spans()))["doomed"]
+    assert doomed.status.status_code is StatusCode.ERROR
+    assert [e.name for e in doomed.events] == ["exception"]
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_unpicklable_context_values_are_skipped(exporter: InMemorySpanExporter) -> None:
+    """A ContextVar holding an unpicklable value in the submitter does not fail the submit."""
+    UNPICKLABLE.set(threading.Lock())
+    ctxprop.set_tag("job", "locks")
+    with ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("forkserver")
+    ) as pool:
+        assert pool.submit(traced_task, 7).result(timeout=60)["tags"] == {"job": "locks"}
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_without_a_pipeline_context_still_travels() -> None:
+    """With no TracerProvider in the parent, tags and the trace id still reach the worker; nothing fails."""
+    ctxprop.set_tag("job", "bare")
+    fake_parent = trace.NonRecordingSpan(
+        trace.SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=trace.TraceFlags(1))
+    )
+    with (
+        trace.use_span(fake_parent),
+        ctxprop.ContextAwareProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("fork")
+        ) as pool,
+    ):
+        out = pool.submit(traced_task, 1).result(timeout=60)
+    assert out["tags"] == {"job": "bare"}
+    assert out["trace_id"] == 0xABC
+
+
+def _init_marker(marker: str) -> None:
+    os.environ["CTXPROP_TEST_INIT"] = marker
+
+
+def _read_marker() -> tuple[str, dict[str, Any]]:
+    return os.environ.get("CTXPROP_TEST_INIT", ""), tags_here()
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_user_initializer_runs_in_each_worker() -> None:
+    """The user's initializer and initargs still run in the workers (after ctxprop's own set-up)."""
+    ctxprop.set_tag("job", "init")
+    with ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_marker,
+        initargs=("ok",),
+    ) as pool:
+        assert pool.submit(_read_marker).result(timeout=60) == ("ok", {"job": "init"})
+
+
+def _wait_for(event: Any) -> int:
+    event.wait(60)
+    return 1
+
+
+_EVENT: Any = None
+
+
+def _keep_event(event: Any) -> None:
+    global _EVENT  # noqa: PLW0603
+    _EVENT = event
+
+
+def _wait_global() -> int:
+    return _wait_for(_EVENT)
+
+
+def test_cancel_and_wait_work_on_its_futures() -> None:
+    """A pending task's future can be cancelled; concurrent.futures.wait sees results and cancellations."""
+    ctx = multiprocessing.get_context("fork")
+    event = ctx.Event()
+    with ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1, mp_context=ctx, initializer=_keep_event, initargs=(event,)
+    ) as pool:
+        futs = [pool.submit(_wait_global) for _ in range(6)]
+        assert futs[-1].cancel()
+        assert futs[-1].cancelled()
+        event.set()
+        _, not_done = concurrent.futures.wait(futs, timeout=60)
+        assert not not_done
+        assert [f.result() for f in futs[:-1]] == [1] * 5
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_bind_for_process_with_a_plain_pool(exporter: InMemorySpanExporter) -> None:
+    """bind_for_process/unpack_result carry the context through a plain ProcessPoolExecutor too."""
+    ctxprop.set_tag("job", "plain")
+    with (
+        trace.get_tracer("p").start_as_current_span("submit") as parent,
+        ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork")) as pool,
+    ):
+        out = unpack_result(pool.submit(bind_for_process(traced_task, (4,))).result(timeout=60))
+        with pytest.raises(LookupError):
+            unpack_result(pool.submit(bind_for_process(failing_task)).result(timeout=60))
+    assert out["tags"] == {"job": "plain"}
+    ctxprop.flush(30)
+    spans = by_name(list(exporter.get_finished_spans()))
+    assert spans["task-4"].parent is not None
+    assert spans["task-4"].parent.span_id == parent.get_span_context().span_id
+    assert "doomed" in spans
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_real_pipeline_forked_workers_do_not_resend_the_parents_queue(
+    receiver: OTLPReceiver,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Through the real OTLP pipeline: spans queued before a fork are sent once (by the parent only), and
+    worker spans reach the collector before shutdown() returns."""
+    ctxprop.init(
+        endpoint=receiver.endpoint,
+        service_name="pool-otlp",
+        spool_dir=str(tmp_path / "spool"),
+        handle_signals=False,
+        schedule_delay=30.0,  # keep the parent's spans queued across the fork
+    )
+    tracer = trace.get_tracer("parent")
+    for i in range(50):
+        tracer.start_span(f"before-fork-{i}").end()
+    with tracer.start_as_current_span("submit"):
+        pool = ctxprop.ContextAwareProcessPoolExecutor(
+            max_workers=2, mp_context=multiprocessing.get_context("fork")
+        )
+        results = list(pool.map(traced_task, range(4)))
+    pool.shutdown()
+    names = [s.name for s in receiver.spans]
+    assert sum(1 for n in names if n.startswith("task-")) == 4  # already delivered by shutdown()
+    ctxprop.close(10)
+    names = [s.name for s in receiver.spans]
+    assert len({r["pid"] for r in results} - {os.getpid()}) >= 1
+    assert sorted(n for n in names if n.startswith("before-fork-")) == sorted(
+        f"before-fork-{i}" for i in range(50)
+    )
+    assert len(names) == len({s.span_id for s in receiver.spans})
+    submit = next(s for s in receiver.spans if s.name == "submit")
+    tasks = [s for s in receiver.spans if s.name.startswith("task-")]
+    assert {s.parent_span_id for s in tasks} == {submit.span_id}
+    assert {s.service_name for s in tasks} == {"pool-otlp"}
