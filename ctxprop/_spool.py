@@ -51,6 +51,8 @@ _SEGMENT_RE = re.compile(r"^seg-(\d{20})-(\d+)-([0-9a-f]{8})-(\d+)\.ctxs$")
 _LEASE_RE = re.compile(r"^(seg-(\d{20})-\d+-[0-9a-f]{8}-(\d+)\.ctxs)\.lease-(\d+)-([0-9a-f]{8})-(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}$")
 _EVENTS = "events"
+_DEFAULT_MAX_BYTES = 64 * 2**20
+_DEFAULT_MAX_AGE = 7 * 86400.0
 _EVENTS_MAX = 1 << 20
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
@@ -152,6 +154,23 @@ def _parse_records(data: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
     return records, corrupt
 
 
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value > 0:
+        return value
+    with contextlib.suppress(Exception):
+        warnings.warn(
+            f"ctxprop: ignoring {name}={raw!r}: expected a positive number", RuntimeWarning, stacklevel=3
+        )
+    return default
+
+
 def _boot_tag() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
@@ -248,15 +267,21 @@ class Spool:
         cls,
         directory: Union[str, os.PathLike[str]],
         *,
-        max_bytes: int = 64 * 2**20,
-        max_age: float = 7 * 86400,
+        max_bytes: Optional[int] = None,
+        max_age: Optional[float] = None,
     ) -> Spool:
         """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
 
-        A symbolic link, another user's directory or one that cannot be created gives a memory-only spool
-        and one ``RuntimeWarning``. A directory of this user with a wider mode is repaired to 0700.
+        ``max_bytes`` defaults to ``CTXPROP_SPOOL_MAX_BYTES``, else 64 MiB; ``max_age`` (seconds) to
+        ``CTXPROP_SPOOL_MAX_AGE``, else 7 days. A symbolic link, another user's directory or one that
+        cannot be created gives a memory-only spool and one ``RuntimeWarning``. A directory of this user
+        with a wider mode is repaired to 0700.
         """
         path = Path(directory)
+        if max_bytes is None:
+            max_bytes = int(_env_number("CTXPROP_SPOOL_MAX_BYTES", _DEFAULT_MAX_BYTES))
+        if max_age is None:
+            max_age = _env_number("CTXPROP_SPOOL_MAX_AGE", _DEFAULT_MAX_AGE)
         spool = cls(path, None, max_bytes, max_age)
         try:
             spool._fd = _open_private_dir(path)

@@ -530,3 +530,15 @@ def test_outcome_senders_are_understood(tmp_path: Path) -> None:
     assert seen == [b"keep", b"keep", b"bad", b"good"]
     assert _stats.snapshot()["spool_rejected_spans"] == 2
     assert not spool.has_pending()
+
+
+def test_caps_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CTXPROP_SPOOL_MAX_BYTES / CTXPROP_SPOOL_MAX_AGE set the caps; a bad value warns and is ignored."""
+    monkeypatch.setenv("CTXPROP_SPOOL_MAX_BYTES", "4096")
+    monkeypatch.setenv("CTXPROP_SPOOL_MAX_AGE", "60")
+    spool = Spool.open(tmp_path)
+    assert (spool.max_bytes, spool.max_age) == (4096, 60.0)
+    monkeypatch.setenv("CTXPROP_SPOOL_MAX_BYTES", "lots")
+    with pytest.warns(RuntimeWarning, match="CTXPROP_SPOOL_MAX_BYTES"):
+        spool = Spool.open(tmp_path)
+    assert spool.max_bytes == 64 * 2**20
