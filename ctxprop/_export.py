@@ -101,6 +101,7 @@ class OTLPSender:
             hdrs["content-encoding"] = compression
         self._headers = hdrs
         self._transport = self._new_transport()
+        _import_send_path()
 
     @staticmethod
     def _new_transport() -> Any:
@@ -171,6 +172,22 @@ class OTLPSender:
             self._transport.close()
         except Exception:  # noqa: BLE001 - closing a session must not fail shutdown
             return
+
+
+def _import_send_path() -> None:
+    """Import now what the first export would import lazily.
+
+    The first export often happens at exit (atexit, SIGTERM). Importing a C extension then (protobuf's upb,
+    ``decimal``...) makes CPython forget that the program is ending by an unhandled KeyboardInterrupt, and
+    the exit status turns from -SIGINT (130) into 1. Importing at ``init()`` keeps Ctrl-C's status intact.
+    """
+    import netrc  # noqa: F401  - requests reads ~/.netrc on each request, importing this on the first
+    import shlex  # noqa: F401
+
+    from opentelemetry.exporter.otlp.common import http  # noqa: F401
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    encode_spans([])
 
 
 def _is_stale_connection(error: Optional[BaseException]) -> bool:

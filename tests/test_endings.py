@@ -1,0 +1,203 @@
+"""Every way a process ends still delivers its spans: real child processes against the loopback collector."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import support
+from support import OTLPReceiver, run_child
+
+receiver = support.receiver
+
+N = 1000
+
+PRELUDE = f"""
+import json, os, signal, sys, time
+import ctxprop
+from opentelemetry import trace
+
+def make_spans(prefix, n={N}):
+    tracer = trace.get_tracer("endings")
+    for i in range(n):
+        with tracer.start_as_current_span(f"{{prefix}}-{{i}}") as s:
+            s.set_attribute("pid", os.getpid())
+
+def ready(**extra):
+    print(json.dumps({{"ready": True, **extra}}), flush=True)
+"""
+
+INIT = 'ctxprop.init(service_name="endings", endpoint=os.environ["EP"]{kw})\n'
+
+
+def _code(body: str, *, kw: str = "", before_init: str = "") -> str:
+    return PRELUDE + before_init + INIT.format(kw=kw) + body
+
+
+def _env(rx: OTLPReceiver, tmp_path: Path) -> dict[str, str]:
+    return {"EP": rx.endpoint, "CTXPROP_SPOOL_DIR": str(tmp_path / "spool")}
+
+
+def _assert_all(rx: OTLPReceiver, prefix: str = "main", n: int = N) -> None:
+    names = Counter(s.name for s in rx.spans if s.name.startswith(prefix + "-"))
+    assert len(names) == n, f"{len(names)}/{n} distinct spans arrived"
+    dupes = {k: v for k, v in names.items() if v > 1}
+    assert not dupes, f"duplicates: {list(dupes.items())[:5]}"
+
+
+def test_close_delivers_all(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """close() sends all 1000 spans before it returns; exit status 0, stderr empty."""
+    res = run_child(
+        _code('make_spans("main")\nctxprop.close()\nready(after_close=True)\n'),
+        env=_env(receiver, tmp_path),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    _assert_all(receiver)  # already there: close() returned before the child printed
+    assert res.last("after_close") is True
+
+
+def test_normal_exit_delivers_all(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """A script that just ends (no close()) delivers through the atexit backup."""
+    res = run_child(_code('make_spans("main")\nready()\n'), env=_env(receiver, tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    _assert_all(receiver)
+
+
+def test_sys_exit_status_kept(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """sys.exit(7) delivers and keeps status 7."""
+    res = run_child(_code('make_spans("main")\nsys.exit(7)\n'), env=_env(receiver, tmp_path))
+    assert res.returncode == 7
+    assert res.stderr == ""
+    _assert_all(receiver)
+
+
+def test_unhandled_exception_delivers_all(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """An unhandled exception still delivers; status 1 and the traceback are Python's own."""
+    res = run_child(_code('make_spans("main")\nraise RuntimeError("boom")\n'), env=_env(receiver, tmp_path))
+    assert res.returncode == 1
+    assert "RuntimeError: boom" in res.stderr
+    assert "ctxprop" not in res.stderr.split("RuntimeError")[-1]
+    _assert_all(receiver)
+
+
+def test_sigterm_without_handler_dies_by_sigterm(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """SIGTERM flushes, then the process still dies by SIGTERM (status -15), silently."""
+    res = run_child(
+        _code('make_spans("main")\nready()\ntime.sleep(60)\n'),
+        env=_env(receiver, tmp_path),
+        signal_after_line='"ready"',
+        sig=signal.SIGTERM,
+    )
+    assert res.signalled
+    assert res.returncode == -signal.SIGTERM
+    assert res.stderr == ""
+    _assert_all(receiver)
+
+
+APP_HANDLER = """
+def on_term(signum, frame):
+    print(json.dumps({"app_handler": signum}), flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("when", ["before_init", "after_init"])
+def test_sigterm_chains_app_handler(receiver: OTLPReceiver, tmp_path: Path, when: str) -> None:
+    """An app SIGTERM handler set before or after init() still runs (its exit status wins); spans arrive."""
+    install = "signal.signal(signal.SIGTERM, on_term)\n"
+    before = APP_HANDLER + (install if when == "before_init" else "")
+    after = install if when == "after_init" else ""
+    body = after + (
+        'assert signal.getsignal(signal.SIGTERM) is on_term\nmake_spans("main")\nready()\ntime.sleep(60)\n'
+    )
+    res = run_child(
+        _code(body, before_init=before),
+        env=_env(receiver, tmp_path),
+        signal_after_line='"ready"',
+        sig=signal.SIGTERM,
+    )
+    assert res.signalled
+    assert res.returncode == 3, res.stderr
+    assert res.last("app_handler") == signal.SIGTERM
+    assert res.stderr == ""
+    _assert_all(receiver)
+
+
+def test_handle_signals_false_leaves_sigterm_alone(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """With handle_signals=False ctxprop installs no SIGTERM handler (the default action stays)."""
+    res = run_child(
+        _code(
+            "ready(default=signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)\nctxprop.close()\n",
+            kw=", handle_signals=False",
+        ),
+        env=_env(receiver, tmp_path),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.last("default") is True
+
+
+def test_sigint_keyboardinterrupt_delivers(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT -> KeyboardInterrupt) delivers; the status stays Python's own (-2)."""
+    res = run_child(
+        _code('make_spans("main")\nready()\ntime.sleep(60)\n'),
+        env=_env(receiver, tmp_path),
+        signal_after_line='"ready"',
+        sig=signal.SIGINT,
+    )
+    assert res.signalled
+    assert res.returncode == -signal.SIGINT
+    assert "KeyboardInterrupt" in res.stderr
+    _assert_all(receiver)
+
+
+def test_fork_children_deliver_their_own_spans(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """Forked children deliver their own 1000 spans each, never the parent's queued ones, exactly once."""
+    body = """
+make_spans("parent")  # still queued at fork time: the children must not send these
+kids = []
+for k in range(2):
+    pid = os.fork()
+    if pid == 0:
+        make_spans(f"child{k}")
+        sys.exit(0)
+    kids.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in kids]
+ready(codes=codes)
+"""
+    res = run_child(_code(body, kw=", schedule_delay=30"), env=_env(receiver, tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.last("codes") == [0, 0]
+    assert res.stderr == ""
+    _assert_all(receiver, "parent")
+    _assert_all(receiver, "child0")
+    _assert_all(receiver, "child1")
+    assert len(receiver.spans) == 3 * N
+
+
+@pytest.mark.parametrize("mode", ["refuse", "slow", "die", "503"])
+def test_collector_unavailable_close_is_bounded_and_silent(tmp_path: Path, mode: str) -> None:
+    """Collector refusing, hanging, dying mid-request or 503: close() returns in 3 s, rc 0, silent."""
+    rx = OTLPReceiver(mode="ok" if mode == "refuse" else mode, delay=60, retry_after=1).start()
+    if mode == "refuse":
+        rx.stop()
+    try:
+        body = """
+make_spans("main")
+t0 = time.monotonic()
+ctxprop.close()
+ready(close_s=time.monotonic() - t0, stats=ctxprop.stats())
+"""
+        res = run_child(_code(body, kw=", close_timeout=3.0"), env=_env(rx, tmp_path))
+    finally:
+        rx.stop()
+    assert res.returncode == 0
+    assert res.stderr == ""
+    close_s = res.last("close_s")
+    assert close_s < 3.0 + 1.5, f"close() took {close_s:.2f}s"
+    stats = res.last("stats")
+    assert stats.get("exported", 0) == 0
+    assert stats.get("retried", 0) > 0 or mode == "refuse"
