@@ -161,16 +161,27 @@ def test_wrap_gives_each_run_its_own_scope(sentry: ListTransport) -> None:
     assert _tags(sentry.by_message("call 2")) == {"origin": "main", "call2": "yes"}
 
 
-def test_disabled_adapter_adds_no_capture_hook() -> None:
-    """When not enabled, capture() carries no Sentry state at all (nothing runs on the capture path)."""
+def test_disabled_adapter_costs_capture_nothing(
+    sentry: ListTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disabled, capture() never touches Sentry (no hook, no scope fork); enabled, it forks the scopes."""
+    forks = []
+    real_fork = sentry_sdk.scope.Scope.fork
+
+    def counting_fork(self: Any) -> Any:
+        forks.append(self)
+        return real_fork(self)
+
+    monkeypatch.setattr(sentry_sdk.scope.Scope, "fork", counting_fork)
+    sentry_sdk.get_current_scope()  # make sure both scopes exist in this context
     _sentry.disable()
     assert not _sentry.enabled()
-    assert ctxprop.capture()._extra == ()
+    assert _sentry._HOOK not in _capture._hooks
+    ctxprop.capture()
+    assert forks == []
     _sentry.enable()
-    try:
-        assert ctxprop.capture()._extra[0][0] is _capture._hooks[0]
-    finally:
-        _sentry.disable()
+    ctxprop.capture()
+    assert len(forks) == 2
 
 
 def test_integration_and_auto_enable_in_a_fresh_process() -> None:
