@@ -8,6 +8,7 @@ built on the worker side, in ``run``, off the submitter's clock.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from contextvars import Context, ContextVar, copy_context
@@ -23,6 +24,7 @@ else:  # pragma: no cover - 3.9
 __all__ = ["CaptureHook", "Snapshot", "capture", "propagated", "register_capture_hook", "wrap"]
 
 P = ParamSpec("P")
+_new_object = object.__new__
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -80,8 +82,13 @@ def _enter(
     kwargs: dict[str, Any],
 ) -> R:
     # Runs inside the task's own context copy: plain set() without reset is right, the copy is discarded.
-    ISOLATION.set(Scope._sharing(iso_tags))
-    CURRENT.set(Scope._sharing(cur_tags))
+    # The forked scopes are built here, on the worker's clock; Scope.fork() inlined (this runs per task).
+    scope = _new_object(Scope)
+    scope._tags = iso_tags
+    ISOLATION.set(scope)
+    scope = _new_object(Scope)
+    scope._tags = cur_tags
+    CURRENT.set(scope)
     PROPAGATED.set(True)
     for hook, state in extra:
         try:
@@ -93,11 +100,13 @@ def _enter(
     return fn(*args, **kwargs)
 
 
-class Snapshot:
+class Snapshot(tuple):  # type: ignore[type-arg]
     """The caller's whole ``contextvars`` context plus forked isolation and current scopes.
 
     Made by :func:`capture`. ``run`` may be called any number of times, from any thread, even at once:
     each call runs in its own copy, so nothing one run sets is seen by another run or by the caller.
+    Treat it as opaque (it is a tuple only because that is the cheapest object to build on the submit
+    path).
 
     >>> snap = capture()
     >>> snap.run(lambda: 42)
@@ -106,42 +115,50 @@ class Snapshot:
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_ctx", "_cur", "_extra", "_iso")
+    __slots__ = ()
 
-    def __init__(
-        self,
-        ctx: Context,
-        iso: dict[str, AttrValue],
-        cur: dict[str, AttrValue],
-        extra: tuple[tuple[CaptureHook[Any], Any], ...] = (),
-    ) -> None:
-        self._ctx = ctx
-        self._iso = iso
-        self._cur = cur
-        self._extra = extra
+    # Identity semantics: a snapshot is a handle, not a value (and a Context is not hashable).
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
 
     @property
     def context(self) -> Context:
         """The captured ``contextvars.Context`` (do not run it directly; use :meth:`run`)."""
-        return self._ctx
+        ctx: Context = self[0]
+        return ctx
 
     @property
     def isolation_tags(self) -> dict[str, AttrValue]:
         """The isolation scope's tags at capture time."""
-        return dict(self._iso)
+        return dict(self[1])
 
     @property
     def current_tags(self) -> dict[str, AttrValue]:
         """The current scope's tags at capture time."""
-        return dict(self._cur)
+        return dict(self[2])
 
     def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn`` in a fresh copy of the captured context with the forked scopes active."""
-        return self._ctx.copy().run(_enter, self._iso, self._cur, self._extra, fn, args, kwargs)
+        """Run ``fn`` in a fresh copy of the captured context with the forked scopes active.
+
+        The calling thread's own context is untouched afterwards, whatever ``fn`` sets.
+        """
+        ctx, iso, cur, extra = self
+        result: R = ctx.copy().run(_enter, iso, cur, extra, fn, args, kwargs)
+        return result
 
     def _run_once(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         # For a snapshot taken for exactly one task: its context is private, so skip the copy.
-        return self._ctx.run(_enter, self._iso, self._cur, self._extra, fn, args, kwargs)
+        ctx, iso, cur, extra = self
+        result: R = ctx.run(_enter, iso, cur, extra, fn, args, kwargs)
+        return result
+
+    def __repr__(self) -> str:
+        return f"<ctxprop.Snapshot isolation={dict(self[1])!r} current={dict(self[2])!r}>"
 
 
 def capture() -> Snapshot:
@@ -156,13 +173,16 @@ def capture() -> Snapshot:
 
     .. versionadded:: 0.1.0
     """
+    # The submit path of every task: one tuple build, no Python-level __init__, no Scope objects (the
+    # tag dicts are never changed in place, so referencing them is the fork).
     return Snapshot(
-        copy_context(), ISOLATION.get()._tags, CURRENT.get()._tags, _capture_extra() if _hooks else ()
+        (copy_context(), ISOLATION.get()._tags, CURRENT.get()._tags, _capture_extra() if _hooks else ())
     )
 
 
 def wrap(fn: Callable[P, R]) -> Callable[P, R]:
-    """Bind ``fn`` to the context captured now: every later call runs in (a copy of) it.
+    """Bind ``fn`` to the context captured now: every later call runs in (a copy of) it, so a callback
+    handed to a thread, a timer or a third-party scheduler runs as if called here.
 
     >>> job = wrap(print)
     >>> job("runs with the caller's context")
@@ -175,11 +195,8 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     def bound(*args: P.args, **kwargs: P.kwargs) -> R:
         return snap.run(fn, *args, **kwargs)
 
-    bound.__wrapped__ = fn  # type: ignore[attr-defined]
-    bound.__name__ = getattr(fn, "__name__", "wrapped")
-    bound.__qualname__ = getattr(fn, "__qualname__", bound.__name__)
-    bound.__doc__ = getattr(fn, "__doc__", None)
-    return bound
+    # update_wrapper skips what ``fn`` lacks (a partial has no __name__) and sets __wrapped__.
+    return functools.update_wrapper(bound, fn)
 
 
 def propagated() -> bool:

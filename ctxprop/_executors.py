@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextvars import copy_context
-from typing import Any, TypeVar
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextvars import Context, copy_context
+from typing import Any, Optional, TypeVar
 
 from ctxprop import _capture
 from ctxprop._capture import _capture_extra, _enter
@@ -18,8 +18,11 @@ __all__ = ["ContextAwareThreadPoolExecutor", "run_in_executor_with_context"]
 R = TypeVar("R")
 
 
-def _run_captured(ctx: Any, iso: Any, cur: Any, extra: Any, fn: Any, args: Any, kwargs: Any) -> Any:
-    return ctx.run(_enter, iso, cur, extra, fn, args, kwargs)
+def _run_clean(initializer: Callable[..., object], *initargs: Any) -> None:
+    # An empty Context, not the thread's: on Pythons where threads inherit their starter's context
+    # (3.14 free-threaded builds) or under instrument(), the worker thread would otherwise start in the
+    # context of whichever task happened to spawn it.
+    Context().run(initializer, *initargs)
 
 
 class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
@@ -28,7 +31,7 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
     ``submit`` (and so ``map``) captures the caller's whole ``contextvars`` context and forks its
     isolation and current scopes at submit time. Each task runs in its own copy: a reused worker thread
     never shows a task the context of an earlier one, and what a task sets never reaches its submitter
-    or a later task. The ``initializer`` runs in the worker thread's own clean context.
+    or a later task. The ``initializer`` runs in a clean, empty context.
 
     >>> from ctxprop import ContextAwareThreadPoolExecutor, set_tag, get_isolation_scope
     >>> set_tag("round", 1)
@@ -39,13 +42,32 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
     .. versionadded:: 0.1.0
     """
 
+    #: Read by ``run_in_executor_with_context`` and ``instrument()``: this pool captures by itself, so
+    #: they must not capture a second time.
+    _ctxprop_propagates = True
+
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        thread_name_prefix: str = "",
+        initializer: Optional[Callable[..., object]] = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError("initializer must be a callable")
+            initargs = (initializer, *initargs)
+            initializer = _run_clean
+        super().__init__(max_workers, thread_name_prefix, initializer, initargs)
+
     def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
         """Schedule ``fn(*args, **kwargs)`` in the caller's context, with forked scopes."""
-        # Inlined capture(): this is the per-task hot path, and every call level costs a few percent
-        # of a no-op task's round trip.
+        # capture() inlined, and the context's own bound ``run`` handed to the pool instead of a Python
+        # trampoline: this is the per-task hot path, and each call level costs a visible share of a
+        # no-op task's round trip. The fresh copy_context() is private to this task, so no second copy.
         return super().submit(
-            _run_captured,
-            copy_context(),
+            copy_context().run,
+            _enter,
             ISOLATION.get()._tags,
             CURRENT.get()._tags,
             _capture_extra() if _capture._hooks else (),
@@ -55,15 +77,15 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
         )
 
 
-def _propagates_itself(executor: Executor | None) -> bool:
-    return isinstance(executor, ContextAwareThreadPoolExecutor) or getattr(
-        executor, "_ctxprop_propagates", False
+def _propagates_itself(executor: Optional[Executor]) -> bool:
+    return isinstance(executor, ContextAwareThreadPoolExecutor) or bool(
+        getattr(executor, "_ctxprop_propagates", False)
     )
 
 
 async def run_in_executor_with_context(
-    loop: asyncio.AbstractEventLoop | None,
-    executor: Executor | None,
+    loop: Optional[asyncio.AbstractEventLoop],
+    executor: Optional[Executor],
     func: Callable[..., R],
     /,
     *args: Any,
@@ -72,7 +94,9 @@ async def run_in_executor_with_context(
     """``await loop.run_in_executor(executor, func, *args, **kwargs)`` with the caller's context.
 
     ``loop`` may be ``None`` (the running loop); ``executor`` may be ``None`` (the loop's default) or any
-    ``concurrent.futures.Executor``. Keyword arguments are passed through, unlike ``run_in_executor``.
+    ``concurrent.futures.Executor``. A plain ``ProcessPoolExecutor`` gets the trace context and scope tags
+    serialised with the task, and the spans its worker makes come back to this process's pipeline.
+    Keyword arguments are passed through, unlike ``run_in_executor``.
 
     >>> import asyncio
     >>> async def main() -> int:
@@ -88,5 +112,13 @@ async def run_in_executor_with_context(
         # The executor captures in submit(), which the loop calls from this task's context.
         call = functools.partial(func, *args, **kwargs) if kwargs else func
         return await loop.run_in_executor(executor, call, *(() if kwargs else args))
+    if isinstance(executor, ProcessPoolExecutor):
+        # A Context cannot be pickled: the cross-process envelope (W3C trace context + tags) travels
+        # instead, and the worker's spans ride back with the result.
+        from ctxprop._process_pool import bind_for_process, unpack_result
+
+        outcome = await loop.run_in_executor(executor, bind_for_process(func, args, kwargs))
+        result: R = unpack_result(outcome)
+        return result
     snap = _capture.capture()
     return await loop.run_in_executor(executor, functools.partial(snap._run_once, func, *args, **kwargs))

@@ -9,6 +9,7 @@ submitter of a task.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -33,6 +34,11 @@ AttrValue = Union[str, bool, int, float, Sequence[str], Sequence[bool], Sequence
 
 _EMPTY: dict[str, AttrValue] = {}
 _SCALARS = (str, bool, int, float)
+_new_object = object.__new__
+# Writers serialise on one lock so two threads writing the same scope at once cannot lose a write
+# (read-copy-swap is not atomic). Readers (capture, span start) never take it: they read whichever
+# complete dict is current.
+_write_lock = threading.Lock()
 
 
 def _valid_value(value: object) -> bool:
@@ -70,13 +76,13 @@ class Scope:
     @classmethod
     def _sharing(cls, tags: dict[str, AttrValue]) -> Scope:
         # The fast path of fork() and of Snapshot.run(): no validation, no copy.
-        scope = cls.__new__(cls)
+        scope: Scope = _new_object(cls)
         scope._tags = tags
         return scope
 
     @property
     def tags(self) -> Mapping[str, AttrValue]:
-        """A read-only view of the tags."""
+        """A read-only view of the tags as they are now (a later write does not show in it)."""
         return MappingProxyType(self._tags)
 
     def set_tag(self, key: str, value: AttrValue) -> None:
@@ -87,16 +93,18 @@ class Scope:
             return
         if isinstance(value, list):
             value = tuple(value)  # a list the caller keeps could change under a forked scope
-        tags = self._tags.copy()
-        tags[key] = value
-        self._tags = tags
+        with _write_lock:
+            tags = self._tags.copy()
+            tags[key] = value
+            self._tags = tags
 
     def remove_tag(self, key: str) -> None:
         """Remove a tag if present."""
-        if key in self._tags:
-            tags = self._tags.copy()
-            del tags[key]
-            self._tags = tags
+        with _write_lock:
+            if key in self._tags:
+                tags = self._tags.copy()
+                del tags[key]
+                self._tags = tags
 
     def clear(self) -> None:
         """Remove every tag."""
@@ -104,7 +112,9 @@ class Scope:
 
     def fork(self) -> Scope:
         """A new scope with the same tags; writes on either side never reach the other."""
-        return Scope._sharing(self._tags)
+        scope: Scope = _new_object(Scope)
+        scope._tags = self._tags
+        return scope
 
     def __repr__(self) -> str:
         return f"Scope({self._tags!r})"
