@@ -7,6 +7,7 @@ from typing import Optional
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
+from ctxprop import _stats
 from ctxprop._scopes import active_tags
 
 __all__ = ["ScopeTagSpanProcessor"]
@@ -14,6 +15,8 @@ __all__ = ["ScopeTagSpanProcessor"]
 
 class ScopeTagSpanProcessor(SpanProcessor):
     """Copies the active scopes' tags (isolation first, current overriding) onto each span at start.
+
+    Attributes passed to ``start_span`` win over a tag of the same name.
 
     ``init()`` installs it; add it yourself to a ``TracerProvider`` you build by hand.
 
@@ -26,8 +29,17 @@ class ScopeTagSpanProcessor(SpanProcessor):
 
     def on_start(self, span: Span, parent_context: Optional[Context] = None) -> None:
         tags = active_tags()
-        if tags:
+        if not tags:
+            return
+        try:
+            explicit = span.attributes
+            if explicit:
+                # Attributes given to start_span() are about this span in particular: they win over
+                # the scope's tags of the same name.
+                tags = {k: v for k, v in tags.items() if k not in explicit}
             span.set_attributes(tags)
+        except Exception:  # noqa: BLE001 - span start is on the application's path: never raise there
+            _stats.incr("tagging_errors")
 
     def on_end(self, span: ReadableSpan) -> None:
         pass
