@@ -145,9 +145,9 @@ def render_forest(
 ) -> list[str]:
     """Lines drawing the spans as trees: one line per span, children indented under their parent.
 
-    Each line: tree guides and the span name, ``[service]`` when it differs from the root's (or for
-    roots), a duration bar on the common time axis, the duration, the status, then the selected
-    attributes and ``note(span)`` if it returns text.
+    Each line: tree guides and the span name, ``[service]`` on roots and wherever the service changes
+    from the parent's (a call into another process), a duration bar on the common time axis, the
+    duration, the status, then the selected attributes and ``note(span)`` if it returns text.
 
     >>> from types import SimpleNamespace as S
     >>> a = S(trace_id="t", span_id="a", parent_span_id=None, name="request", start_ns=0, end_ns=10**7,
@@ -161,25 +161,30 @@ def render_forest(
     roots = build_forest(spans)
     if not roots:
         return []
-    rows: list[tuple[str, Node]] = []
-    # (node, guides of its ancestors, is last sibling); a stack, not recursion: traces can be deep.
-    stack: list[tuple[Node, str, bool]] = [(r, "", True) for r in reversed(roots)]
+    rows: list[tuple[str, Node, bool]] = []  # (guides + name prefix, node, service differs from parent)
+    # (node, guides of its ancestors, is last sibling, parent's service); a stack, not recursion: traces
+    # can be deeper than the recursion limit.
+    stack: list[tuple[Node, str, bool, Optional[str]]] = [(r, "", True, None) for r in reversed(roots)]
     while stack:
-        node, lead, last = stack.pop()
+        node, lead, last, parent_service = stack.pop()
         top = node.depth == 0
-        rows.append(("" if top else lead + ("└─ " if last else "├─ "), node))
+        service = node.span.service_name
+        guide = "" if top else lead + ("└─ " if last else "├─ ")
+        rows.append((guide, node, top or service != parent_service))
         child_lead = "" if top else lead + ("   " if last else "│  ")
         n = len(node.children)
-        stack.extend((c, child_lead, i == n - 1) for i, c in reversed(list(enumerate(node.children))))
+        stack.extend(
+            (c, child_lead, i == n - 1, service) for i, c in reversed(list(enumerate(node.children)))
+        )
 
-    all_nodes = [n for _, n in rows]
+    all_nodes = [n for _, n, _ in rows]
     lo = min(n.span.start_ns for n in all_nodes)
     hi = max(n.span.end_ns for n in all_nodes)
     labels = []
-    for guide, node in rows:
+    for guide, node, new_service in rows:
         label = guide + node.span.name
         service = node.span.service_name
-        if show_service and service and (node.depth == 0):
+        if show_service and service and new_service:
             label += f" [{service}]"
         labels.append(label)
     width = name_width or max(len(label) for label in labels)

@@ -168,7 +168,8 @@ def ctxprop_spans() -> Iterator[SpanCapture]:
 
     _pipeline._reset_for_tests()
     exporter = InMemorySpanExporter()
-    ctxprop.init(exporter=exporter, service_name="pytest")
+    # No signal handlers: the test process's own SIGTERM/SIGINT behaviour is pytest's business.
+    ctxprop.init(exporter=exporter, service_name="pytest", handle_signals=False)
     try:
         yield SpanCapture(exporter)
     finally:

@@ -90,3 +90,15 @@ def test_group_by_trace_and_durations() -> None:
     durations = [_tree.format_duration(n) for n in (850_000, 12_340_000, 4_200_000_000)]
     assert durations == ["850 µs", "12.3 ms", "4.20 s"]
     assert _tree.render_forest([]) == []
+
+
+def test_service_shown_on_roots_and_where_it_changes() -> None:
+    """The service is named on a root and on a span whose service differs from its parent's, not elsewhere."""
+    spans = [
+        S("r", None, "GET /cart", 0, 10 * MS, service_name="web"),
+        S("a", "r", "render", 1 * MS, 2 * MS, service_name="web"),
+        S("b", "r", "reserve", 3 * MS, 9 * MS, service_name="stock"),
+        S("c", "b", "SELECT", 4 * MS, 5 * MS, service_name="stock"),
+    ]
+    labels = [ln[:24].rstrip() for ln in _tree.render_forest(spans, name_width=24)]
+    assert labels == ["GET /cart [web]", "├─ render", "└─ reserve [stock]", "   └─ SELECT"]
