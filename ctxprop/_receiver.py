@@ -167,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError, EOFError, zlib.error):
             self.close_connection = True
             return
-        rx._count_request()
+        rx._count_request(dict(self.headers.items()))
         mode, retry_after, delay = rx._current_mode()
         if self.path.split("?")[0] != "/v1/traces":
             self._answer(404)
@@ -228,6 +228,7 @@ class OTLPReceiver:
         self._on_spans = on_spans
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
+        self._last_headers: dict[str, str] = {}
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
         self._port = port
@@ -312,6 +313,12 @@ class OTLPReceiver:
         with self._cond:
             return self._requests
 
+    @property
+    def last_headers(self) -> dict[str, str]:
+        """The headers of the last POST (names lower-cased)."""
+        with self._cond:
+            return dict(self._last_headers)
+
     def wait_for_spans(self, n: int, timeout: float) -> bool:
         """Block until at least ``n`` spans were accepted or ``timeout`` seconds passed."""
         with self._cond:
@@ -331,9 +338,10 @@ class OTLPReceiver:
             else:
                 self._conns.discard(conn)
 
-    def _count_request(self) -> None:
+    def _count_request(self, headers: dict[str, str]) -> None:
         with self._cond:
             self._requests += 1
+            self._last_headers = {k.lower(): v for k, v in headers.items()}
 
     def _current_mode(self) -> tuple[str, Optional[float], float]:
         with self._cond:
