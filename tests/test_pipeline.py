@@ -188,7 +188,7 @@ def test_collector_faults_under_load_lose_nothing(receiver: OTLPReceiver, tmp_pa
 
 
 def test_user_logging_still_sees_exporter_errors_but_stderr_stays_clean(tmp_path: Path) -> None:
-    """Official exporter errors never reach stderr by default, yet a user's logging handler still gets them."""
+    """Official exporter errors stay off stderr by default, yet a user's logging handler still gets them."""
     code = """
 import json, logging, os, sys
 import ctxprop
