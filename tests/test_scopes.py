@@ -1,0 +1,252 @@
+"""Scopes: copy-on-write tags, per-context scopes, the context managers, and tags on spans."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import ctxprop
+from ctxprop import _scopes
+
+
+@pytest.fixture(autouse=True)
+def _clean_scopes() -> Iterator[None]:
+    """Each test starts with no scope in the main thread's context, whatever ran before it."""
+    tokens = _scopes.ISOLATION.set(_scopes.NO_SCOPE), _scopes.CURRENT.set(_scopes.NO_SCOPE)
+    yield
+    _scopes.CURRENT.reset(tokens[1])
+    _scopes.ISOLATION.reset(tokens[0])
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """A pipeline that exports to memory."""
+    exp = InMemorySpanExporter()
+    ctxprop.init(exporter=exp, service_name="test-scopes")
+    yield exp
+
+
+def _in_fresh_context(fn):  # type: ignore[no-untyped-def]
+    return contextvars.Context().run(fn)
+
+
+def test_fork_writes_never_cross() -> None:
+    """A write on a fork or on its parent never reaches the other."""
+    parent = ctxprop.Scope({"a": 1})
+    child = parent.fork()
+    child.set_tag("b", 2)
+    parent.set_tag("c", 3)
+    child.remove_tag("a")
+    assert dict(parent.tags) == {"a": 1, "c": 3}
+    assert dict(child.tags) == {"b": 2}
+
+
+def test_fork_shares_the_tags_dict() -> None:
+    """fork() is O(1): it shares the parent's dict instead of copying it, whatever its size."""
+    parent = ctxprop.Scope({f"k{i}": i for i in range(1000)})
+    child = parent.fork()
+    assert child._tags is parent._tags
+    child.set_tag("k0", -1)
+    assert child._tags is not parent._tags
+    assert parent.tags["k0"] == 0
+
+
+def test_tags_are_read_only() -> None:
+    """Scope.tags cannot be written through."""
+    scope = ctxprop.Scope({"a": 1})
+    with pytest.raises(TypeError):
+        scope.tags["a"] = 2  # type: ignore[index]
+
+
+def test_invalid_tags_are_skipped_and_counted() -> None:
+    """A non-str key or a value OTel would reject is skipped and counted, never raised."""
+    scope = ctxprop.Scope()
+    scope.set_tag(1, "x")  # type: ignore[arg-type]
+    scope.set_tag("obj", object())  # type: ignore[arg-type]
+    scope.set_tag("mixed", [1, "a"])  # type: ignore[list-item]
+    scope.set_tag("none", None)  # type: ignore[arg-type]
+    scope.set_tag("ok", [1, 2])
+    assert dict(scope.tags) == {"ok": (1, 2)}
+    assert ctxprop.stats()["invalid_tags"] == 4
+
+
+def test_list_values_are_frozen() -> None:
+    """A list tag is stored as a tuple, so the caller changing its list cannot change a fork."""
+    values = ["a", "b"]
+    scope = ctxprop.Scope()
+    scope.set_tag("l", values)
+    values.append("c")
+    assert scope.tags["l"] == ("a", "b")
+
+
+def test_remove_and_clear() -> None:
+    """remove_tag drops one tag (absent key is fine); clear drops all."""
+    scope = ctxprop.Scope({"a": 1, "b": 2})
+    scope.remove_tag("a")
+    scope.remove_tag("missing")
+    assert dict(scope.tags) == {"b": 2}
+    scope.clear()
+    assert dict(scope.tags) == {}
+
+
+def test_getter_is_stable_within_a_context() -> None:
+    """get_isolation_scope()/get_current_scope() return the same scope each time in one context."""
+
+    def probe() -> bool:
+        return (
+            ctxprop.get_isolation_scope() is ctxprop.get_isolation_scope()
+            and ctxprop.get_current_scope() is ctxprop.get_current_scope()
+        )
+
+    assert _in_fresh_context(probe)
+
+
+def test_context_without_scope_gets_its_own() -> None:
+    """Two threads that never had a scope get different scopes, never a process-wide shared one."""
+    barrier = threading.Barrier(2)
+    results: list[Future[tuple[int, int, dict[str, object]]]] = [Future(), Future()]
+
+    def run(i: int) -> None:
+        try:
+            iso = ctxprop.get_isolation_scope()
+            cur = ctxprop.get_current_scope()
+            iso.set_tag("thread", i)
+            barrier.wait(timeout=30)
+            results[i].set_result((id(iso), id(cur), dict(iso.tags)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            results[i].set_exception(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    a, b = (f.result(timeout=30) for f in results)
+    for t in threads:
+        t.join()
+    assert a[0] != b[0]
+    assert a[1] != b[1]
+    assert a[2] == {"thread": 0}
+    assert b[2] == {"thread": 1}
+    assert _scopes.NO_SCOPE.tags == {}
+
+
+def test_set_tag_goes_to_isolation_scope() -> None:
+    """ctxprop.set_tag writes the isolation scope, not the current one."""
+
+    def probe() -> tuple[dict[str, object], dict[str, object]]:
+        ctxprop.set_tag("k", "v")
+        return dict(ctxprop.get_isolation_scope().tags), dict(ctxprop.get_current_scope().tags)
+
+    assert _in_fresh_context(probe) == ({"k": "v"}, {})
+
+
+def test_isolation_scope_forks_both_and_restores() -> None:
+    """isolation_scope() forks both scopes, writes inside stay inside, both are restored on exit."""
+
+    def probe() -> None:
+        ctxprop.set_tag("outer", 1)
+        ctxprop.get_current_scope().set_tag("cur", 1)
+        iso_before, cur_before = ctxprop.get_isolation_scope(), ctxprop.get_current_scope()
+        with ctxprop.isolation_scope() as scope:
+            assert scope is ctxprop.get_isolation_scope()
+            assert scope is not iso_before
+            assert ctxprop.get_current_scope() is not cur_before
+            assert dict(scope.tags) == {"outer": 1}
+            ctxprop.set_tag("inner", 2)
+            ctxprop.get_current_scope().set_tag("cur", 2)
+        assert ctxprop.get_isolation_scope() is iso_before
+        assert ctxprop.get_current_scope() is cur_before
+        assert dict(iso_before.tags) == {"outer": 1}
+        assert dict(cur_before.tags) == {"cur": 1}
+
+    _in_fresh_context(probe)
+
+
+def test_new_scope_forks_current_only() -> None:
+    """new_scope() forks the current scope and leaves the isolation scope alone."""
+
+    def probe() -> None:
+        iso = ctxprop.get_isolation_scope()
+        cur = ctxprop.get_current_scope()
+        cur.set_tag("a", 1)
+        with ctxprop.new_scope() as inner:
+            assert ctxprop.get_isolation_scope() is iso
+            assert inner is ctxprop.get_current_scope() is not cur
+            inner.set_tag("a", 2)
+        assert ctxprop.get_current_scope() is cur
+        assert cur.tags["a"] == 1
+
+    _in_fresh_context(probe)
+
+
+def test_use_scope_does_not_fork() -> None:
+    """use_isolation_scope/use_scope activate the given scope itself and restore on exit."""
+
+    def probe() -> None:
+        mine_iso, mine_cur = ctxprop.Scope(), ctxprop.Scope()
+        before = ctxprop.get_isolation_scope(), ctxprop.get_current_scope()
+        with ctxprop.use_isolation_scope(mine_iso), ctxprop.use_scope(mine_cur):
+            assert ctxprop.get_isolation_scope() is mine_iso
+            assert ctxprop.get_current_scope() is mine_cur
+            ctxprop.set_tag("x", 1)
+        assert mine_iso.tags["x"] == 1
+        assert (ctxprop.get_isolation_scope(), ctxprop.get_current_scope()) == before
+
+    _in_fresh_context(probe)
+
+
+def test_active_tags_does_not_plant_a_scope() -> None:
+    """Reading the active tags (as span start does) leaves a scope-less context scope-less."""
+
+    def probe() -> bool:
+        assert _scopes.active_tags() is None
+        return _scopes.ISOLATION.get() is _scopes.NO_SCOPE and _scopes.CURRENT.get() is _scopes.NO_SCOPE
+
+    assert _in_fresh_context(probe)
+
+
+def test_concurrent_writers_lose_nothing() -> None:
+    """Many threads writing one shared scope at once: every write lands."""
+    scope = ctxprop.Scope()
+    start = threading.Barrier(8)
+
+    def writer(n: int) -> None:
+        start.wait(timeout=30)
+        for i in range(300):
+            scope.set_tag(f"t{n}-{i}", i)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(scope.tags) == 8 * 300
+
+
+def test_spans_get_scope_tags(exporter: InMemorySpanExporter) -> None:
+    """Spans carry the active tags as attributes: isolation first, current overriding, explicit winning."""
+    tracer = trace.get_tracer("test")
+
+    def probe() -> None:
+        ctxprop.set_tag("tenant", "acme")
+        ctxprop.set_tag("level", "isolation")
+        ctxprop.get_current_scope().set_tag("level", "current")
+        ctxprop.get_current_scope().set_tag("step", "parse")
+        with tracer.start_as_current_span("plain"):
+            pass
+        with tracer.start_as_current_span("explicit", attributes={"step": "mine"}):
+            pass
+
+    _in_fresh_context(probe)
+    with tracer.start_as_current_span("untagged"):
+        pass
+    assert ctxprop.flush()
+    spans = {s.name: dict(s.attributes or {}) for s in exporter.get_finished_spans()}
+    assert spans["plain"] == {"tenant": "acme", "level": "current", "step": "parse"}
+    assert spans["explicit"] == {"tenant": "acme", "level": "current", "step": "mine"}
+    assert spans["untagged"] == {}
