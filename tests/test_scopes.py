@@ -25,11 +25,11 @@ def _clean_scopes() -> Iterator[None]:
 
 
 @pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
+def exporter() -> InMemorySpanExporter:
     """A pipeline that exports to memory."""
     exp = InMemorySpanExporter()
     ctxprop.init(exporter=exp, service_name="test-scopes")
-    yield exp
+    return exp
 
 
 def _in_fresh_context(fn):  # type: ignore[no-untyped-def]
