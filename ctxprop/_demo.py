@@ -124,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
         tracer = trace.get_tracer("ctxprop.demo")
         for run_name in _RUNS:
             asyncio.run(_scenario(tracer, run_name, rounds))
-        ctxprop.close()
+        # The collector is in this process and healthy: a generous deadline only matters on a machine so
+        # loaded that 3 s would not do; close() returns as soon as everything is delivered.
+        ctxprop.close(timeout=30.0)
         collector.wait_for_spans(expected, 10.0)
         received = collector.spans
 
@@ -142,19 +144,20 @@ def run(args: argparse.Namespace) -> int:
             _say(line)
     _say()
     n = rounds * _WORKERS_PER_ROUND
-    for name in _RUNS:
-        v = verdicts[name]
-        _say(
-            f"{name + ':':8} {len(v.lost_tags)}/{n} worker spans missing their round's tag; "
-            f"{len(v.leaked)}/{n} started with a tag another task set"
-        )
+    tag_lines = [
+        f"{name + ':':8} {len(v.lost_tags)}/{n} worker spans missing their round's tag; "
+        f"{len(v.leaked)}/{n} started with a tag another task set"
+        for name, v in verdicts.items()
+    ]
+    for line in tag_lines:
+        _say(line)
     if args.html:
         from ctxprop._html import Section, render_waterfall
 
         page = render_waterfall(
             [Section(name, f"{name}: {_TITLES[name]}", by_run[name], verdicts[name].note) for name in _RUNS],
             title="ctxprop demo: the same asyncio code, plain pool vs ctxprop",
-            summary=[_last_line(verdicts, n)],
+            summary=[*tag_lines, _last_line(verdicts, n)],
             attributes=["round", "worker"],
         )
         Path(args.html).write_text(page, encoding="utf-8")
