@@ -56,12 +56,22 @@ _INFRA_MODULES = frozenset(
 )
 
 
-def _propagates_itself(executor: object) -> bool:
-    from ctxprop._executors import ContextAwareThreadPoolExecutor
+# executor type -> whether it captures context itself; filled on first sight of each type (submit is the
+# per-task hot path, and an isinstance check plus an attribute lookup per task would cost more than this)
+_self_propagating: dict[type, bool] = {}
 
-    return isinstance(executor, ContextAwareThreadPoolExecutor) or bool(
-        getattr(executor, "_ctxprop_propagates", False)
-    )
+
+def _propagates_itself(executor: object) -> bool:
+    cls = type(executor)
+    known = _self_propagating.get(cls)
+    if known is None:
+        from ctxprop._executors import ContextAwareThreadPoolExecutor
+
+        known = issubclass(cls, ContextAwareThreadPoolExecutor) or bool(
+            getattr(cls, "_ctxprop_propagates", False)
+        )
+        _self_propagating[cls] = known
+    return known
 
 
 def _run_captured(ctx: Any, iso: Any, cur: Any, extra: Any, fn: Any, args: Any, kwargs: Any) -> Any:
