@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -409,14 +410,19 @@ ctxprop.close()
     assert "b0-0" not in names
 
 
-def test_durable_mode_survives_kill_9(tmp_path: Path, receiver: OTLPReceiver) -> None:  # noqa: F811
-    """Durable mode, collector down, kill -9 at a random moment: every span that ended one flush window
-    (plus slack for a loaded machine) before the kill arrives with the next process, none twice."""
+DURABLE_WINDOW = 0.2  # schedule_delay: the flush window
+DURABLE_SLACK = 1.0  # scheduling slack on a loaded 2-core machine
+
+
+def durable_kill_run(tmp_path: Path, rx: OTLPReceiver) -> tuple[Counter[str], list[tuple[int, float]], float]:
+    """A durable-mode child (collector down) ends 1000 spans, then 10 spans per tick, and is killed with
+    SIGKILL at a random moment over a window after the 1000; a second process then replays the spool.
+    Returns (span names delivered, (tick, end time) of each tick, kill time)."""
     import random
 
     spool_dir = tmp_path / "spool"
-    window = 0.2
-    slack = 1.0
+    window = DURABLE_WINDOW
+    slack = DURABLE_SLACK
     extra = random.uniform(0.0, 0.3)  # noqa: S311 - a random kill moment, not a secret
     code = (
         MAKE_SPANS
@@ -431,19 +437,25 @@ while True:
     make_spans(10, f"after{{i}}")
     i += 1
     now = time.monotonic()
-    print(json.dumps({{"tick": now, "late": now - t_before > {window + slack + extra}}}), flush=True)
+    late = now - t_before > {window + slack + extra}
+    print(json.dumps({{"tick": i - 1, "t": now, "late": late}}), flush=True)
     time.sleep(0.01)
 """
     )
     proc, path = start_child(code)
     try:
         assert proc.stdout is not None
+        ticks: list[tuple[int, float]] = []
         for line in proc.stdout:
-            if '"late": true' in line:
+            obj = json.loads(line)
+            if "tick" in obj:
+                ticks.append((obj["tick"], obj["t"]))
+            if obj.get("late"):
                 break
         else:
             raise AssertionError(f"child ended early: {proc.stderr.read() if proc.stderr else ''}")
         proc.kill()
+        t_kill = time.monotonic()  # CLOCK_MONOTONIC: the same clock as the child's
         proc.wait(30)
     finally:
         if proc.poll() is None:
@@ -454,17 +466,42 @@ while True:
                 pipe.close()
         os.unlink(path)
     assert proc.returncode == -signal.SIGKILL
-    assert receiver.requests == 0
+    assert rx.requests == 0
     up = run_child(
         f"""
 import ctxprop
-ctxprop.init(endpoint={receiver.endpoint!r}, spool_dir={str(spool_dir)!r})
+ctxprop.init(endpoint={rx.endpoint!r}, spool_dir={str(spool_dir)!r})
 ctxprop.close()
 """
     )
     assert up.returncode == 0, up.stderr
-    assert receiver.wait_for_spans(1000, 15)
-    names = Counter(s.name for s in receiver.spans)
+    rx.wait_for_spans(1000, 15)
+    return Counter(s.name for s in rx.spans), ticks, t_kill
+
+
+def test_durable_mode_survives_kill_9(tmp_path: Path, receiver: OTLPReceiver) -> None:  # noqa: F811
+    """Durable mode, collector down, kill -9 at a random moment: the spans that ended a flush window
+    before the first export failed arrive with the next process, none twice."""
+    names, _ticks, _t_kill = durable_kill_run(tmp_path, receiver)
     assert max(names.values()) == 1
     missing = [i for i in range(1000) if f"before-{i}" not in names]
     assert missing == []
+
+
+@pytest.mark.xfail(
+    strict=False,  # it can pass by luck of timing; it must pass always once the pipeline writes ahead
+    reason="pipeline: while a failed batch backs off, _processor._cycle does not batch (write ahead) the "
+    "queue, so spans ended during the backoff are not on disk; fix requested from the pipeline engineer",
+)
+def test_durable_mode_survives_kill_9_for_spans_ended_during_backoff(
+    tmp_path: Path,
+    receiver: OTLPReceiver,  # noqa: F811
+) -> None:
+    """Durable mode, collector down: spans ended while earlier batches are failing are also on disk one
+    flush window later, so every span that ended a window before the kill arrives, none twice."""
+    names, ticks, t_kill = durable_kill_run(tmp_path, receiver)
+    assert max(names.values()) == 1
+    due = [i for i, t in ticks if t <= t_kill - DURABLE_WINDOW - DURABLE_SLACK]
+    assert due
+    lost = [f"after{i}-{k}" for i in due for k in range(10) if f"after{i}-{k}" not in names]
+    assert lost == [], f"{len(lost)} spans lost of {len(due) * 10} ended over a window before the kill"
