@@ -2,7 +2,7 @@
 
 A development tool (use an OpenTelemetry Collector, Jaeger or Tempo in production). A trace usually
 arrives in several requests (each process, and each batch of one process, sends its own), so spans are
-grouped by trace and a trace is printed once no span of it arrived for ``--quiet`` seconds (default 1).
+grouped by trace and a trace is printed once no span of it arrived for ``--settle`` seconds (default 1).
 Spans of a trace that arrive after it was printed are printed again with the trace, marked as an update.
 On Ctrl-C (SIGINT) or SIGTERM, traces still waiting are printed, then the command exits 0.
 """
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jsonl", metavar="FILE", help="append every span received to FILE as JSON lines")
     parser.add_argument("--attributes", action="store_true", help="show span attributes in the trees")
     parser.add_argument(
-        "--quiet",
+        "--settle",
         type=_non_negative,
         default=1.0,
         metavar="SECONDS",
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from ctxprop._receiver import OTLPReceiver
 
     jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115 - closed below
-    traces = _Traces(args.quiet, jsonl)
+    traces = _Traces(args.settle, jsonl)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:

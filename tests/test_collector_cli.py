@@ -149,7 +149,7 @@ def test_prints_a_trace_tree_after_the_quiet_period_and_stops_on_sigint(
     """A trace sent by a real ctxprop process is printed as a tree with attributes and written as JSON
     lines; SIGINT then stops the collector with status 0 and nothing on stderr."""
     jsonl = tmp_path / "spans.jsonl"
-    col = start_collector("--quiet", "0.2", "--attributes", "--jsonl", str(jsonl))
+    col = start_collector("--settle", "0.2", "--attributes", "--jsonl", str(jsonl))
     child = run_child(
         f"""
         import ctxprop
@@ -187,7 +187,7 @@ def test_a_trace_arriving_in_several_requests_is_printed_once_complete(
 ) -> None:
     """Spans of one trace sent in two requests are grouped: one tree, children under the root, error shown.
     A long quiet period holds the trace back until SIGTERM, which prints what is pending and exits 0."""
-    col = start_collector("--quiet", "600")
+    col = start_collector("--settle", "600")
     charge, checkout, reserve = _make_spans()
     _export(col.endpoint, [reserve, charge])  # children first, as a real batching exporter may do
     _export(col.endpoint, [checkout])
@@ -208,7 +208,7 @@ def test_late_spans_of_a_printed_trace_are_printed_as_an_update(
     start_collector: Callable[..., Collector],
 ) -> None:
     """A span arriving after its trace was printed reprints the trace, marked as an update."""
-    col = start_collector("--quiet", "0.1")
+    col = start_collector("--settle", "0.1")
     charge, checkout, reserve = _make_spans()
     _export(col.endpoint, [checkout, reserve])
     first = col.wait_for(lambda ln: ln.startswith("trace "))
