@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -144,6 +145,61 @@ def test_run_in_executor_with_context_carries_sentry_scopes(sentry: ListTranspor
     asyncio.run(main())
     for rid in [f"p{i}" for i in range(4)] + [f"d{i}" for i in range(4)]:
         assert _tags(sentry.by_message(f"req {rid}")) == {"request_id": rid}
+
+
+class OwnThreadExecutor(Executor):
+    """A custom executor: each call on a thread of its own, started from one long-lived dispatcher thread."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._dispatcher = threading.Thread(target=self._dispatch, daemon=True)
+        self._dispatcher.start()
+
+    def _dispatch(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            threading.Thread(target=self._run, args=job).start()
+
+    @staticmethod
+    def _run(fut: Future[Any], fn: Any, args: Any, kwargs: Any) -> None:
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the future, as a real executor does
+            fut.set_exception(exc)
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._jobs.put((fut, fn, args, kwargs))
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._jobs.put(None)
+        self._dispatcher.join()
+
+
+def test_custom_executor_via_run_in_executor_with_context(sentry: ListTransport) -> None:
+    """A custom Executor whose threads never saw the request: tags arrive, task tags stay in the task."""
+    executor = OwnThreadExecutor()
+
+    def task(rid: str) -> None:
+        sentry_sdk.set_tag("task_of", rid)
+        sentry_sdk.capture_message(f"custom {rid}")
+
+    async def handler(rid: str) -> None:
+        with sentry_sdk.isolation_scope():
+            sentry_sdk.set_tag("request_id", rid)
+            await ctxprop.run_in_executor_with_context(None, executor, task, rid)
+            sentry_sdk.capture_message(f"after {rid}")
+
+    async def main() -> None:
+        await asyncio.gather(*(handler(f"c{i}") for i in range(5)))
+
+    try:
+        asyncio.run(main())
+    finally:
+        executor.shutdown()
+    for i in range(5):
+        assert _tags(sentry.by_message(f"custom c{i}")) == {"request_id": f"c{i}", "task_of": f"c{i}"}
+        assert _tags(sentry.by_message(f"after c{i}")) == {"request_id": f"c{i}"}
 
 
 def test_wrap_gives_each_run_its_own_scope(sentry: ListTransport) -> None:
