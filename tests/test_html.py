@@ -86,6 +86,7 @@ def _dump_dom(page: Path, tmp_path: Path) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install chromium)")
+@pytest.mark.timeout(2 * DEADLINE + 30)  # a demo run then a browser start, each with its own deadline
 def test_demo_html_renders_both_trees_in_headless_chromium(tmp_path: Path) -> None:
     """The demo's --html page, opened by a real browser: both runs drawn, every bar laid out with a width,
     the plain run's 15 workers flagged as roots, the ctxprop run's 15 workers nested under their rounds."""
