@@ -1,0 +1,196 @@
+"""Durable mode's cost per span against the same processor without it, in one run, same collector.
+
+Durable mode writes each batch to the spool (one file, one fsync) before exporting it and removes it once
+the collector acknowledged it. The contenders are ctxprop's processor with the OTLP sender and a spool,
+with ``durable=False`` and ``durable=True``, interleaved round by round; per round:
+
+- app-thread cost per span (start_span + 3 attributes + end);
+- end-to-end cost per span: from the first span until the loopback collector acknowledged the last one
+  (then the spool holds nothing: every write-ahead record was acknowledged and removed);
+- the write-ahead cost itself: ``write_ahead`` + ``ack`` of one real batch, per batch and per span.
+
+The collector is ctxprop's loopback receiver in a separate process, so it does not compete for this
+process's GIL. The spool lives in a temporary directory on the same file system as ``$TMPDIR``.
+
+    python benchmarks/bench_durable.py            # full run
+    python benchmarks/bench_durable.py --quick    # < 20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+from ctxprop._export import OTLPSender, quiet_official_loggers  # noqa: E402
+from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
+from ctxprop._spool import Spool  # noqa: E402
+
+TARGET = 1.3
+BATCH = 512
+
+RECEIVER = """
+import sys
+from ctxprop._receiver import OTLPReceiver
+rx = OTLPReceiver(keep_spans=False).start()
+print(rx.port, flush=True)
+sys.stdin.read()
+rx.stop()
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class Collector:
+    """The loopback receiver in its own process, watched through GET /stats."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter running our own receiver
+            [sys.executable, "-c", RECEIVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=str(REPO),
+            env=_env(),
+        )
+        if self.proc.stdout is None:
+            raise SystemExit("the collector process has no stdout")
+        self.port = int(self.proc.stdout.readline())
+        self.endpoint = f"http://127.0.0.1:{self.port}/v1/traces"
+        self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def spans(self) -> int:
+        self._conn.request("GET", "/stats")
+        return int(json.loads(self._conn.getresponse().read())["spans"])
+
+    def wait_for(self, n: int, timeout: float = 120) -> float:
+        deadline = time.perf_counter() + timeout
+        while True:
+            now = time.perf_counter()
+            if self.spans() >= n or now > deadline:
+                return now
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self._conn.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def one_round(durable: bool, collector: Collector, spool_dir: str, n: int) -> tuple[float, float]:
+    spool = Spool.open(spool_dir)
+    proc = CtxpropSpanProcessor(
+        sender=OTLPSender(collector.endpoint),
+        spool=spool,
+        durable=durable,
+        max_queue_size=n + 1,
+        max_export_batch_size=BATCH,
+    )
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(proc)
+    tracer = provider.get_tracer("bench")
+    base = collector.spans()
+    t0 = time.perf_counter()
+    for i in range(n):
+        span = tracer.start_span("op")
+        span.set_attribute("i", i)
+        span.set_attribute("route", "/items/{id}")
+        span.set_attribute("ok", True)
+        span.end()
+    t1 = time.perf_counter()
+    provider.force_flush(120_000)
+    t2 = collector.wait_for(base + n)
+    provider.shutdown()
+    left = [name for name in os.listdir(spool_dir) if name.startswith("seg-")]
+    if left:
+        raise SystemExit(f"durable={durable}: {len(left)} spool records left after a clean run")
+    spool.close()
+    return (t1 - t0) / n, (t2 - t0) / n
+
+
+def write_ahead_cost(spool_dir: str, repeats: int) -> float:
+    """Seconds per batch of ``BATCH`` spans for write_ahead + ack (file, one fsync, unlink)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+    for i in range(BATCH):
+        span = tracer.start_span("op")
+        span.set_attribute("i", i)
+        span.set_attribute("route", "/items/{id}")
+        span.set_attribute("ok", True)
+        span.end()
+    payload = encode_spans(exporter.get_finished_spans()).SerializeToString()
+    spool = Spool.open(spool_dir)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        spool.ack(spool.write_ahead(payload, BATCH))
+        times.append(time.perf_counter() - t0)
+    spool.close()
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer spans and rounds (< 20 s)")
+    ap.add_argument("--spans", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    args = ap.parse_args()
+    n = args.spans or (10_000 if args.quick else 40_000)
+    rounds = args.rounds or (3 if args.quick else 7)
+    quiet_official_loggers()
+
+    results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory(prefix="ctxprop-bench-durable-") as tmp:
+        spool_dir = os.path.join(tmp, "spool")
+        collector = Collector()
+        try:
+            one_round(True, collector, spool_dir, 2000)  # warm imports, connections, caches
+            for r in range(rounds):
+                # Interleave so drift in machine load hits both alike.
+                for durable in (False, True) if r % 2 == 0 else (True, False):
+                    results[durable].append(one_round(durable, collector, spool_dir, n))
+        finally:
+            collector.close()
+        per_batch = write_ahead_cost(spool_dir, 30 if args.quick else 100)
+
+    app = {d: statistics.median(a for a, _ in v) for d, v in results.items()}
+    e2e = {d: statistics.median(e for _, e in v) for d, v in results.items()}
+    ratios = [d[1] / p[1] for p, d in zip(results[False], results[True])]
+    ratio = e2e[True] / e2e[False]
+    print(f"{n} spans x {rounds} rounds, interleaved; medians; batches of {BATCH}")
+    print(f"{'':30} {'app thread':>14} {'end to end':>14}")
+    print(f"{'processor, durable=False':30} {app[False] * 1e6:11.2f} us {e2e[False] * 1e6:11.2f} us")
+    print(f"{'processor, durable=True':30} {app[True] * 1e6:11.2f} us {e2e[True] * 1e6:11.2f} us")
+    print(f"write_ahead + ack of one batch: {per_batch * 1e3:.2f} ms", end=" ")
+    print(f"({per_batch / BATCH * 1e6:.2f} us per span)")
+    print(f"app-thread ratio durable/plain: {app[True] / app[False]:.2f}x")
+    print(
+        f"end-to-end ratio durable/plain: {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in ratios)}); "
+        f"target <= {TARGET}x: {'PASS' if ratio <= TARGET else 'FAIL'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
