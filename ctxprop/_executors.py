@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextvars import Context, copy_context
@@ -13,8 +14,14 @@ from ctxprop import _capture
 from ctxprop._capture import _capture_extra, _enter
 from ctxprop._scopes import CURRENT, ISOLATION
 
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover - 3.9
+    from typing_extensions import ParamSpec
+
 __all__ = ["ContextAwareThreadPoolExecutor", "run_in_executor_with_context"]
 
+P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -60,7 +67,7 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
             initializer = _run_clean
         super().__init__(max_workers, thread_name_prefix, initializer, initargs)
 
-    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Schedule ``fn(*args, **kwargs)`` in the caller's context, with forked scopes."""
         # capture() inlined, and the context's own bound ``run`` handed to the pool instead of a Python
         # trampoline: this is the per-task hot path, and each call level costs a visible share of a
@@ -86,10 +93,10 @@ def _propagates_itself(executor: Optional[Executor]) -> bool:
 async def run_in_executor_with_context(
     loop: Optional[asyncio.AbstractEventLoop],
     executor: Optional[Executor],
-    func: Callable[..., R],
+    func: Callable[P, R],
     /,
-    *args: Any,
-    **kwargs: Any,
+    *args: P.args,
+    **kwargs: P.kwargs,
 ) -> R:
     """``await loop.run_in_executor(executor, func, *args, **kwargs)`` with the caller's context.
 
