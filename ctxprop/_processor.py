@@ -247,6 +247,10 @@ class CtxpropSpanProcessor(SpanProcessor):
     def _cycle(self, deadline: Optional[float], everything: bool) -> bool:
         """Retry due batches, then export the queue. True when nothing is left undelivered."""
         forced = deadline is not None
+        if self._durable:
+            # Group commit: every queued batch goes to disk now, even while an earlier one backs off, so
+            # kill -9 loses at most one schedule delay of spans.
+            self._write_ahead_queue(everything or forced)
         while self._pending:
             batch = self._pending[0]
             if not forced and batch.not_before > time.monotonic():
@@ -270,6 +274,16 @@ class CtxpropSpanProcessor(SpanProcessor):
                 self._enforce_memory_bound()
                 return False
         return True
+
+    def _write_ahead_queue(self, everything: bool) -> None:
+        q = self._queue
+        while q and (everything or len(q) >= self._batch_size):
+            spans = [q.popleft() for _ in range(min(self._batch_size, len(q)))]
+            batch = self._make_batch(spans)
+            if batch is not None:
+                self._pending.append(batch)
+                self._pending_spans += batch.count
+        self._enforce_memory_bound()
 
     def _make_batch(self, spans: list[ReadableSpan]) -> Optional[_Batch]:
         if self._sender is None:
@@ -372,15 +386,15 @@ class CtxpropSpanProcessor(SpanProcessor):
         return True
 
     def _enforce_memory_bound(self) -> None:
-        # Failed batches held in memory count against the queue bound; the oldest go first, counted.
-        while (
-            self._pending
-            and self._pending_spans + len(self._queue) > self._max_queue
-            and len(self._pending) > 1
-        ):
+        # Failed batches held in memory count against the queue bound; the oldest leave first: to the spool
+        # when there is one, else dropped and counted.
+        while len(self._pending) > 1 and self._pending_spans + len(self._queue) > self._max_queue:
             old = self._pending.popleft()
             self._pending_spans -= old.count
-            self._count("dropped_export_failed", old.count)
+            if self._spool is not None:
+                self._to_spool(old)
+            else:
+                self._count("dropped_export_failed", old.count)
 
     def _leftovers_to_spool(self, locked: bool) -> None:
         """At a deadline: encode what is still queued or pending and write it to the spool."""

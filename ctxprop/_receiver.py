@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import socket
 import threading
 import zlib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-__all__ = ["MODES", "OTLPReceiver", "ReceivedSpan", "decode_request"]
+__all__ = ["MODES", "OTLPReceiver", "ReceivedSpan", "count_spans", "decode_request"]
 
 MODES = ("ok", "503", "429", "slow", "die")
 
@@ -100,6 +101,15 @@ def decode_request(body: bytes) -> list[ReceivedSpan]:
     return out
 
 
+def count_spans(body: bytes) -> int:
+    """How many spans a serialized ``ExportTraceServiceRequest`` holds (no per-span Python objects)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(body)
+    return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Keep-alive handler threads may sit in a read; stop() closes their sockets instead of joining them.
@@ -149,15 +159,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, code: int, extra: Optional[dict[str, str]] = None, body: bytes = b"") -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/x-protobuf")
+        extra = dict(extra or {})
+        self.send_header("Content-Type", extra.pop("Content-Type", "application/x-protobuf"))
         self.send_header("Content-Length", str(len(body)))
-        for k, v in (extra or {}).items():
+        for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()
         if body:
             self.wfile.write(body)
 
     def do_GET(self) -> None:
+        if self.path == "/stats":
+            # Lets another process (a benchmark, a test parent) watch progress without decoding anything.
+            rx = self.server.receiver
+            body = json.dumps({"spans": rx.span_count, "requests": rx.requests}).encode()
+            self._answer(200, {"Content-Type": "application/json"}, body)
+            return
         self._answer(404 if self.path != "/" else 200)
 
     def do_POST(self) -> None:
@@ -186,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            spans = decode_request(body)
+            spans = decode_request(body) if rx._keep else count_spans(body)
         except Exception:  # noqa: BLE001  # a malformed body is the client's fault: answer 400
             self._answer(400)
             return
@@ -219,8 +236,13 @@ class OTLPReceiver:
         retry_after: Optional[float] = None,
         delay: float = 0.0,
         on_spans: Optional[Callable[[list[ReceivedSpan]], None]] = None,
+        keep_spans: bool = True,
     ) -> None:
         self._host = host
+        # keep_spans=False only counts spans (a C-level protobuf parse): for benchmarks, where building
+        # ReceivedSpan objects would make the collector the bottleneck.
+        self._keep = keep_spans
+        self._span_count = 0
         self._requested_port = port
         self._cond = threading.Condition()
         self._spans: list[ReceivedSpan] = []
@@ -308,6 +330,12 @@ class OTLPReceiver:
             return list(self._spans)
 
     @property
+    def span_count(self) -> int:
+        """How many spans were accepted (also with ``keep_spans=False``)."""
+        with self._cond:
+            return self._span_count
+
+    @property
     def requests(self) -> int:
         """POST requests seen, whatever the answer."""
         with self._cond:
@@ -322,12 +350,13 @@ class OTLPReceiver:
     def wait_for_spans(self, n: int, timeout: float) -> bool:
         """Block until at least ``n`` spans were accepted or ``timeout`` seconds passed."""
         with self._cond:
-            return self._cond.wait_for(lambda: len(self._spans) >= n, timeout)
+            return self._cond.wait_for(lambda: self._span_count >= n, timeout)
 
     def clear(self) -> None:
         """Forget the spans and the request count."""
         with self._cond:
             self._spans.clear()
+            self._span_count = 0
             self._requests = 0
 
     # -- handler callbacks -----------------------------------------------------------------------------
@@ -347,9 +376,13 @@ class OTLPReceiver:
         with self._cond:
             return self._mode, self._retry_after, self._delay
 
-    def _accept(self, spans: list[ReceivedSpan]) -> None:
+    def _accept(self, spans: Union[list[ReceivedSpan], int]) -> None:
         with self._cond:
-            self._spans.extend(spans)
+            if isinstance(spans, int):
+                self._span_count += spans
+            else:
+                self._span_count += len(spans)
+                self._spans.extend(spans)
             self._cond.notify_all()
-        if self._on_spans is not None:
+        if self._on_spans is not None and not isinstance(spans, int):
             self._on_spans(spans)
