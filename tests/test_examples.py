@@ -1,0 +1,42 @@
+"""Every script in examples/ runs to completion in a real interpreter, silently on stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples").glob("*.py"))
+
+
+def test_examples_exist() -> None:
+    """The three ways to use ctxprop each have a runnable example."""
+    names = {p.name for p in EXAMPLES}
+    assert {"replace_import.py", "wrap_run_in_executor.py", "decorate_workers.py"} <= names
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(script: Path, tmp_path: Path) -> None:
+    """The example exits 0, prints something, and writes nothing to stderr."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # A private spool directory: an example that spools must not touch the user's real state dir.
+    env = {**os.environ, "PYTHONPATH": pythonpath, "CTXPROP_SPOOL_DIR": str(tmp_path / "spool")}
+    # No collector is reachable on purpose: an example must not need one unless it embeds its own.
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.strip()
