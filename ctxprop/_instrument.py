@@ -74,19 +74,16 @@ def _propagates_itself(executor: object) -> bool:
     return known
 
 
-def _run_captured(ctx: Any, iso: Any, cur: Any, extra: Any, fn: Any, args: Any, kwargs: Any) -> Any:
-    return ctx.run(_enter, iso, cur, extra, fn, args, kwargs)
-
-
 def _submit_wrapper(
     wrapped: Callable[..., Future[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[Any]:
     if not _active or not args or _propagates_itself(instance):
         return wrapped(*args, **kwargs)
-    # Same inlined capture as ContextAwareThreadPoolExecutor.submit: this is the per-task hot path.
+    # Same inlined capture as ContextAwareThreadPoolExecutor.submit: this is the per-task hot path, and
+    # the fresh context's own bound run() is the trampoline (no Python frame of ours per task).
     return wrapped(
-        _run_captured,
-        copy_context(),
+        copy_context().run,
+        _enter,
         ISOLATION.get()._tags,
         CURRENT.get()._tags,
         _capture_extra() if _capture._hooks else (),

@@ -30,8 +30,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 
 from ctxprop import _stats
-from ctxprop._capture import PROPAGATED
-from ctxprop._scopes import CURRENT, ISOLATION, AttrValue, Scope
+from ctxprop._capture import _enter
+from ctxprop._scopes import CURRENT, ISOLATION, AttrValue
 from ctxprop._spanwire import WireSpan, from_wire, to_wire
 
 __all__ = ["ContextAwareProcessPoolExecutor", "bind_for_process", "submit_with_context", "unpack_result"]
@@ -284,6 +284,7 @@ class _Collector(SpanProcessor):
 _worker_pid = 0
 _worker_blob: Optional[bytes] = None
 _collector: Optional[_Collector] = None
+_inherited_collector = False  # _collector sits in the provider inherited from the parent through fork
 
 
 def _reset_global_provider() -> None:
@@ -296,28 +297,55 @@ def _reset_global_provider() -> None:
 
 def _enter_worker_process() -> None:
     """Once per worker process: drop a pipeline inherited through fork (or a re-imported main module)."""
-    global _worker_pid, _worker_blob, _collector  # noqa: PLW0603
+    global _worker_pid, _worker_blob, _collector, _inherited_collector  # noqa: PLW0603
     if _worker_pid == os.getpid():
         return
     _worker_pid = os.getpid()
     _worker_blob = None
     _collector = None
-    from ctxprop import _pipeline
-
+    _inherited_collector = False
     try:
+        inherited = _parent_provider()
+        from ctxprop import _pipeline
+
         forget = getattr(_pipeline, "forget", None)
         if forget is not None:
             forget()
         else:
             _pipeline._provider = None
         _reset_global_provider()
+        if inherited is not None:
+            _redirect(inherited)
     except Exception:  # noqa: BLE001 - the task must still run when the inherited pipeline is odd
         _stats.incr("process_worker_setup_errors")
+
+
+def _redirect(inherited: TracerProvider) -> None:
+    """Make the provider inherited through fork collect for the parent instead of exporting.
+
+    Tracers the application got before the fork (a module-level ``tracer = trace.get_tracer(...)``
+    already used in the parent) are bound to this very provider object; replacing its processors, not
+    the provider, is what sends their spans home too. It is this process's own copy: the parent's is
+    untouched.
+    """
+    global _collector, _inherited_collector
+    from ctxprop._tagging import ScopeTagSpanProcessor
+
+    collector = _Collector()
+    # Tracers hold the provider's multi-processor object itself, not the provider: swap its members.
+    multi = inherited._active_span_processor
+    if not hasattr(multi, "_span_processors"):
+        raise TypeError(f"unexpected span processor {type(multi).__name__}")
+    multi._span_processors = (ScopeTagSpanProcessor(), collector)
+    trace.set_tracer_provider(inherited)
+    _collector, _inherited_collector = collector, True
 
 
 def _worker_collector(blob: Optional[bytes]) -> Optional[_Collector]:
     """The collector of the worker-local provider for the parent's resource ``blob``."""
     global _worker_blob, _collector
+    if _inherited_collector:
+        return _collector  # the parent's own provider (and resource), inherited through fork
     if blob is None:
         return None
     if blob != _worker_blob or _collector is None:
@@ -341,16 +369,14 @@ def _worker_initializer(initializer: Optional[Callable[..., object]], initargs: 
 
 
 def _in_context(envelope: _Envelope, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    _, carrier, iso, cur, _ = envelope
-    ISOLATION.set(Scope._sharing(iso))
-    CURRENT.set(Scope._sharing(cur))
-    PROPAGATED.set(True)
+    carrier = envelope[1]
     if carrier:
         try:
             otel_context.attach(propagate.extract(carrier))
         except Exception:  # noqa: BLE001 - a bad carrier degrades to a new trace, never a failed task
             _stats.incr("propagation_errors")
-    return fn(*args, **kwargs)
+    # Scopes forked from the tags exactly as a thread-pool task gets them.
+    return _enter(envelope[2], envelope[3], (), fn, args, kwargs)
 
 
 def _run_in_worker(envelope: _Envelope, fn: Callable[..., Any], args: Any, kwargs: Any) -> _Outcome:

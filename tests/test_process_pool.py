@@ -24,6 +24,7 @@ import ctxprop
 from ctxprop._process_pool import bind_for_process, unpack_result
 
 METHODS = ["fork", "spawn", "forkserver"]
+FORK = multiprocessing.get_context("fork")
 UNPICKLABLE: contextvars.ContextVar[object] = contextvars.ContextVar("unpicklable", default=None)
 
 
@@ -273,3 +274,30 @@ def test_real_pipeline_forked_workers_do_not_resend_the_parents_queue(
     tasks = [s for s in receiver.spans if s.name.startswith("task-")]
     assert {s.parent_span_id for s in tasks} == {submit.span_id}
     assert {s.service_name for s in tasks} == {"pool-otlp"}
+
+
+_BOUND_TRACER: Any = None
+
+
+def task_with_inherited_tracer() -> None:
+    with _BOUND_TRACER.start_as_current_span("inherited-tracer-span"):
+        pass
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_forked_worker_spans_from_a_tracer_made_before_the_fork_come_home(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """A tracer obtained in the parent before the fork (bound to the parent's provider) still ships its
+    worker spans home instead of losing them in the dropped inherited pipeline."""
+    global _BOUND_TRACER  # noqa: PLW0603
+    _BOUND_TRACER = trace.get_tracer("module-level")
+    with (
+        _BOUND_TRACER.start_as_current_span("parent-side") as parent,
+        ctxprop.ContextAwareProcessPoolExecutor(max_workers=1, mp_context=FORK) as pool,
+    ):
+        pool.submit(task_with_inherited_tracer).result(timeout=60)
+    spans = by_name(list(exporter.get_finished_spans()))
+    worker = spans["inherited-tracer-span"]
+    assert worker.parent is not None
+    assert worker.parent.span_id == parent.get_span_context().span_id
