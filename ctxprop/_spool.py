@@ -253,6 +253,7 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_age = max_age
+        self.fsync = True
         self._fd = dir_fd
         self._writable = dir_fd is not None
         self._warned = False
@@ -269,6 +270,7 @@ class Spool:
         *,
         max_bytes: Optional[int] = None,
         max_age: Optional[float] = None,
+        fsync: Optional[bool] = None,
     ) -> Spool:
         """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
 
@@ -276,6 +278,11 @@ class Spool:
         ``CTXPROP_SPOOL_MAX_AGE``, else 7 days. A symbolic link, another user's directory or one that
         cannot be created gives a memory-only spool and one ``RuntimeWarning``. A directory of this user
         with a wider mode is repaired to 0700.
+
+        ``fsync`` (default: ``CTXPROP_SPOOL_FSYNC``, else on) makes each durable write-ahead batch reach
+        the disk before its export starts, so it survives a power cut or kernel crash too. A write alone
+        already survives ``kill -9`` and ``os._exit`` (the kernel holds it), so it can be turned off
+        where the disk is slow and only process deaths matter.
         """
         path = Path(directory)
         if max_bytes is None:
@@ -283,6 +290,10 @@ class Spool:
         if max_age is None:
             max_age = _env_number("CTXPROP_SPOOL_MAX_AGE", _DEFAULT_MAX_AGE)
         spool = cls(path, None, max_bytes, max_age)
+        if fsync is None:
+            setting = os.environ.get("CTXPROP_SPOOL_FSYNC", "1").strip().lower()
+            fsync = setting not in ("0", "false", "no", "off")
+        spool.fsync = fsync
         try:
             spool._fd = _open_private_dir(path)
             spool._writable = True
@@ -326,7 +337,7 @@ class Spool:
             created = time.time_ns()
             pending = self._new_name(created, span_count)
             lease = f"{pending}.lease-{self._owner_token()}"
-            self._write_file(lease, payload, span_count, created, sync=True, direct=True)
+            self._write_file(lease, payload, span_count, created, sync=self.fsync, direct=True)
             return _Handle(pending, lease, span_count)
         except OSError as exc:
             self._degrade(f"cannot write to {self.directory}: {exc}")
@@ -536,7 +547,8 @@ class Spool:
             while view:
                 view = view[os.write(fd, view) :]
             if sync:
-                os.fsync(fd)
+                # fdatasync: the data and the size needed to read it back, without the mtime.
+                getattr(os, "fdatasync", os.fsync)(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):

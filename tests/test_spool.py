@@ -542,3 +542,16 @@ def test_caps_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     with pytest.warns(RuntimeWarning, match="CTXPROP_SPOOL_MAX_BYTES"):
         spool = Spool.open(tmp_path)
     assert spool.max_bytes == 64 * 2**20
+
+
+def test_fsync_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Write-ahead syncs by default; CTXPROP_SPOOL_FSYNC=0 or fsync=False turns it off, records still land."""
+    assert Spool.open(tmp_path).fsync is True
+    monkeypatch.setenv("CTXPROP_SPOOL_FSYNC", "0")
+    spool = Spool.open(tmp_path)
+    assert spool.fsync is False
+    assert Spool.open(tmp_path, fsync=True).fsync is True
+    spool.release(spool.write_ahead(b"unsynced", 2))
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 2
+    assert sent.payloads == [b"unsynced"]
