@@ -17,7 +17,7 @@ nothing beyond ``pytest`` until a test asks for the fixture.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import pytest
 
@@ -32,6 +32,37 @@ def _describe(span: ReadableSpan) -> str:
     ctx = span.context
     sid = format(ctx.span_id, "016x") if ctx is not None else "?"
     return f"{span.name!r} (span {sid})"
+
+
+class _Rendered:
+    """A ReadableSpan seen through the fields ``ctxprop._tree`` draws."""
+
+    __slots__ = (
+        "attributes",
+        "end_ns",
+        "name",
+        "parent_span_id",
+        "service_name",
+        "span_id",
+        "start_ns",
+        "status_code",
+        "status_message",
+        "trace_id",
+    )
+
+    def __init__(self, span: ReadableSpan) -> None:
+        ctx = span.context
+        self.trace_id = format(ctx.trace_id, "032x") if ctx is not None else "?"
+        self.span_id = format(ctx.span_id, "016x") if ctx is not None else "?"
+        self.parent_span_id = format(span.parent.span_id, "016x") if span.parent is not None else None
+        self.name = span.name
+        self.start_ns = span.start_time or 0
+        self.end_ns = span.end_time or self.start_ns
+        self.attributes = dict(span.attributes or {})
+        self.status_code = int(span.status.status_code.value)
+        self.status_message = span.status.description or ""
+        service = span.resource.attributes.get("service.name")
+        self.service_name = service if isinstance(service, str) else None
 
 
 class SpanCapture:
@@ -60,10 +91,22 @@ class SpanCapture:
 
     def one(self, name: str) -> ReadableSpan:
         """The single span called ``name``; fails if there are none or several."""
+        __tracebackhide__ = True  # pytest shows the test's line, not the plugin's
         found = self.by_name(name)
         if len(found) != 1:
             raise AssertionError(f"expected exactly one span {name!r}, found {len(found)}{self._names()}")
         return found[0]
+
+    def tree(self, *, attributes: bool = False) -> str:
+        """The captured spans drawn as trace trees (what the assertion messages show), for a print()."""
+        from ctxprop._tree import render_forest
+
+        lines = render_forest([_Rendered(s) for s in self.spans], attributes=attributes, show_service=False)
+        return "\n".join(lines) if lines else "(no spans)"
+
+    def _fail(self, message: str) -> NoReturn:
+        __tracebackhide__ = True  # pytest shows the test's line, not the plugin's
+        raise AssertionError(f"{message}\ncaptured spans:\n{self.tree(attributes=True)}")
 
     def clear(self) -> None:
         """Forget the spans captured so far."""
@@ -78,6 +121,7 @@ class SpanCapture:
         return f"; spans captured: {', '.join(repr(n) for n in names) or 'none'}"
 
     def _named(self, name: str, spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+        __tracebackhide__ = True  # pytest shows the test's line, not the plugin's
         found = [s for s in spans if s.name == name]
         if not found:
             raise AssertionError(f"no span named {name!r}{self._names(spans)}")
@@ -89,6 +133,7 @@ class SpanCapture:
         A span started on a thread that did not get the caller's context becomes a root of its own trace,
         so name every span that is meant to be a root: anything else without a captured parent fails.
         """
+        __tracebackhide__ = True  # pytest shows the test's line, not the plugin's
         spans = self.spans
         ids = {(s.context.trace_id, s.context.span_id) for s in spans if s.context is not None}
         problems = []
@@ -102,12 +147,12 @@ class SpanCapture:
                 problems.append(f"{_describe(s)} has parent {parent.span_id:016x}, which was not captured")
         if problems:
             named = ", ".join(repr(r) for r in roots) or "none"
-            raise AssertionError(
-                f"{len(problems)} orphaned span(s) (roots allowed: {named}):\n  " + "\n  ".join(problems)
-            )
+            head = f"{len(problems)} orphaned span(s) (roots allowed: {named}):"
+            self._fail(head + "\n  " + "\n  ".join(problems))
 
     def assert_parent(self, child_name: str, parent_name: str) -> None:
         """Every span called ``child_name`` is a direct child of a span called ``parent_name``."""
+        __tracebackhide__ = True  # pytest shows the test's line, not the plugin's
         spans = self.spans
         by_id = {s.context.span_id: s for s in spans if s.context is not None}
         self._named(parent_name, spans)
@@ -124,13 +169,14 @@ class SpanCapture:
                 problems.append(f"{_describe(child)} has parent {_describe(actual)}")
         if problems:
             head = f"expected every {child_name!r} span under a {parent_name!r} span:"
-            raise AssertionError(head + "\n  " + "\n  ".join(problems))
+            self._fail(head + "\n  " + "\n  ".join(problems))
 
     def assert_tags(self, span_name: str, **tags: Any) -> None:
         """Every span called ``span_name`` has these attributes with these values (scope tags land there).
 
         Sequence values compare equal whether given as a list or a tuple.
         """
+        __tracebackhide__ = True  # pytest shows the test's line, not the plugin's
         problems = []
         for s in self._named(span_name, self.spans):
             attrs = dict(s.attributes or {})
@@ -141,7 +187,7 @@ class SpanCapture:
                 elif _comparable(have) != _comparable(want):
                     problems.append(f"{_describe(s)} has {key}={have!r}, expected {want!r}")
         if problems:
-            raise AssertionError("tag mismatch:\n  " + "\n  ".join(problems))
+            self._fail("tag mismatch:\n  " + "\n  ".join(problems))
 
 
 _MISSING = object()

@@ -60,6 +60,9 @@ def test_passing_assertions_on_propagated_spans(app: pytest.Pytester) -> None:
             assert [s.name for s in ctxprop_spans.spans].count("step") == 3
             assert len(ctxprop_spans.by_name("step")) == 3
             assert ctxprop_spans.one("job").name == "job"
+            drawn = ctxprop_spans.tree().splitlines()
+            assert drawn[0].startswith("job ")
+            assert all(ln.startswith(("├─ step", "└─ step")) for ln in drawn[1:]), drawn
             ctxprop_spans.assert_no_orphans("job")
             ctxprop_spans.assert_parent("step", "job")
             ctxprop_spans.assert_tags("step", tenant="acme")
@@ -88,8 +91,12 @@ def test_no_orphans_fails_for_a_plain_pool_and_names_the_spans(app: pytest.Pytes
         [
             "*3 orphaned span(s) (roots allowed: 'job')*",
             "*'step' (span *) has no parent: it started without its caller's context*",
+            "*captured spans:*",
         ]
     )
+    # The message draws the capture as trees: the steps stand alone instead of under the job.
+    result.stdout.re_match_lines([r"E +job +\S.* tenant=acme$", r"E +step +\S.* i=\d$"])
+    result.stdout.no_fnmatch_line("*└─ step*")
 
 
 def test_assert_parent_and_assert_tags_failure_messages(app: pytest.Pytester) -> None:
