@@ -160,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
             summary=[*tag_lines, _last_line(verdicts, n)],
             attributes=["round", "worker"],
         )
-        Path(args.html).write_text(page, encoding="utf-8")
+        try:
+            Path(args.html).write_text(page, encoding="utf-8")
+        except OSError as exc:
+            sys.stderr.write(f"ctxprop demo: cannot write {args.html}: {exc.strerror or exc}\n")
+            return 2
         _say(f"HTML waterfall written to {args.html}")
     if len(received) < expected:
         sys.stderr.write(f"ctxprop demo: the collector received {len(received)} of {expected} spans\n")

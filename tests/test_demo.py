@@ -68,6 +68,14 @@ def test_demo_rounds_option_and_validation() -> None:
     assert "must be at least 1" in bad.stderr
 
 
+def test_demo_html_to_an_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
+    """--html into a missing directory: exit status 2 and a one-line reason, no traceback."""
+    target = tmp_path / "no-such-dir" / "demo.html"
+    out = _run("-m", "ctxprop", "demo", "--rounds", "1", "--html", str(target))
+    assert out.returncode == 2
+    assert out.stderr == f"ctxprop demo: cannot write {target}: No such file or directory\n"
+
+
 def _span(span_id: str, parent: str | None, rnd: int, job: int | None = None, **tags: object) -> object:
     attrs: dict[str, object] = {"demo.run": "x", "demo.round": rnd, **tags}
     if job is not None:
