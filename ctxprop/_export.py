@@ -20,10 +20,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from opentelemetry.sdk.resources import Resource
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
 
-__all__ = ["PERMANENT", "OTLPSender", "SendOutcome", "encode", "quiet_official_loggers"]
+__all__ = ["PERMANENT", "OTLPSender", "SendOutcome", "encode", "quiet_official_loggers", "stable_resource"]
 
 # 429/502/503/504 as in the official client, plus 408 (the request timed out at a proxy).
 _RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
@@ -172,6 +174,28 @@ class OTLPSender:
             self._transport.close()
         except Exception:  # noqa: BLE001 - closing a session must not fail shutdown
             return
+
+
+def stable_resource(resource: Resource) -> Resource:
+    """The same resource, with its hash computed once.
+
+    The official encoder groups every span of a batch by its resource, and ``Resource.__hash__`` serializes
+    all attributes to JSON each time: about a fifth of the encoding cost. A resource's attributes never
+    change, so ctxprop's provider uses one whose hash is cached.
+    """
+    return _StableResource(resource.attributes, resource.schema_url)
+
+
+class _StableResource(Resource):
+    def __init__(self, attributes: Any, schema_url: Optional[str] = None) -> None:
+        super().__init__(attributes, schema_url)
+        self._ctxprop_hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._ctxprop_hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or super().__eq__(other)
 
 
 def _import_send_path() -> None:

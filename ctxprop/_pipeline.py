@@ -107,7 +107,9 @@ def init(
         attrs: dict[str, Any] = dict(cfg.resource_attributes)
         if service_name is not None:
             attrs[SERVICE_NAME] = service_name
-        resource = Resource.create(attrs)
+        from ctxprop._export import stable_resource
+
+        resource = stable_resource(Resource.create(attrs))
         if exporter is not None:
             processor = CtxpropSpanProcessor(
                 exporter=exporter,

@@ -1,0 +1,236 @@
+"""ctxprop's batching processor vs OpenTelemetry's stock BatchSpanProcessor, in one run, same collector.
+
+Measures, interleaving the contenders round by round:
+- app-thread cost per span (start_span + 3 attributes + end) while the exporter works in the background;
+- end-to-end spans/s: from the first span to the loopback collector acknowledging the last one (each
+  contender flushes at the end so the stock processor's 5 s schedule delay does not count against it);
+- how long ``close()`` / ``provider.shutdown()`` takes at the end of a short script, collector up and down.
+
+The collector is ctxprop's loopback receiver in a separate process (``keep_spans=False``: it parses each
+request with protobuf's C parser and counts), so it does not compete for this process's GIL.
+
+    python benchmarks/bench_pipeline.py            # full run
+    python benchmarks/bench_pipeline.py --quick    # < 30 s
+"""
+
+# ruff: noqa: S603, S101  (the benchmark runs its own child processes with sys.executable; asserts on its pipes)
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
+from opentelemetry.sdk.resources import Resource  # noqa: E402
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
+
+from ctxprop._export import OTLPSender, quiet_official_loggers, stable_resource  # noqa: E402
+from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
+
+RECEIVER = """
+import sys
+from ctxprop._receiver import OTLPReceiver
+rx = OTLPReceiver(keep_spans=False).start()
+print(rx.port, flush=True)
+sys.stdin.read()
+rx.stop()
+"""
+
+
+class Collector:
+    """The loopback receiver in its own process, watched through GET /stats."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RECEIVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=str(REPO),
+            env=_env(),
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        self.endpoint = f"http://127.0.0.1:{self.port}/v1/traces"
+        self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def spans(self) -> int:
+        self._conn.request("GET", "/stats")
+        return int(json.loads(self._conn.getresponse().read())["spans"])
+
+    def wait_for(self, n: int, timeout: float = 120) -> float:
+        deadline = time.perf_counter() + timeout
+        while True:
+            now = time.perf_counter()
+            if self.spans() >= n or now > deadline:
+                return now
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self._conn.close()
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+Contender = Callable[[str, int], tuple[SpanProcessor, Resource]]
+
+
+def stock_bsp(endpoint: str, queue: int) -> tuple[SpanProcessor, Resource]:
+    return BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue), Resource.create({})
+
+
+def ctxprop_pipeline(endpoint: str, queue: int) -> tuple[SpanProcessor, Resource]:
+    # What init() builds: ctxprop's processor, its OTLP sender, and its resource (hash computed once).
+    proc = CtxpropSpanProcessor(sender=OTLPSender(endpoint), max_queue_size=queue)
+    return proc, stable_resource(Resource.create({}))
+
+
+def ctxprop_same_exporter(endpoint: str, queue: int) -> tuple[SpanProcessor, Resource]:
+    # The processor alone: the stock exporter and the stock resource, as the BSP row has.
+    proc = CtxpropSpanProcessor(exporter=OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue)
+    return proc, Resource.create({})
+
+
+BASE = "stock BatchSpanProcessor + OTLPSpanExporter"
+CONTENDERS: dict[str, Contender] = {
+    BASE: stock_bsp,
+    "ctxprop pipeline (as init() builds it)": ctxprop_pipeline,
+    "ctxprop processor + stock OTLPSpanExporter": ctxprop_same_exporter,
+}
+
+
+def one_round(name: str, collector: Collector, n: int) -> tuple[float, float]:
+    proc, resource = CONTENDERS[name](collector.endpoint, n + 1)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    provider.add_span_processor(proc)
+    tracer = provider.get_tracer("bench")
+    base = collector.spans()
+    t0 = time.perf_counter()
+    for i in range(n):
+        span = tracer.start_span("op")
+        span.set_attribute("i", i)
+        span.set_attribute("route", "/items/{id}")
+        span.set_attribute("ok", True)
+        span.end()
+    t1 = time.perf_counter()
+    provider.force_flush(120_000)
+    t2 = collector.wait_for(base + n)
+    provider.shutdown()
+    return (t1 - t0) / n, n / (t2 - t0)
+
+
+CLOSE_SCRIPT = """
+import sys, time
+kind, endpoint = sys.argv[1], sys.argv[2]
+from opentelemetry import trace
+if kind == "ctxprop":
+    import ctxprop
+    ctxprop.init(endpoint=endpoint, spool_dir=sys.argv[3])
+    end = ctxprop.close
+else:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
+    end = provider.shutdown
+tracer = trace.get_tracer("short")
+for i in range(200):
+    with tracer.start_as_current_span("step"):
+        pass
+t0 = time.perf_counter()
+end()
+print(time.perf_counter() - t0, flush=True)
+"""
+
+
+def close_time(kind: str, endpoint: str, spool: str) -> tuple[float, str]:
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CLOSE_SCRIPT), kind, endpoint, spool],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+        check=False,
+    )
+    try:
+        return float(res.stdout.strip().splitlines()[-1]), res.stderr
+    except (ValueError, IndexError):
+        return float("nan"), res.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer spans and rounds (< 30 s)")
+    ap.add_argument("--spans", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    args = ap.parse_args()
+    n = args.spans or (8_000 if args.quick else 40_000)
+    rounds = args.rounds or (3 if args.quick else 5)
+    quiet_official_loggers()
+
+    collector = Collector()
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in CONTENDERS}
+    try:
+        one_round(next(iter(CONTENDERS)), collector, 2000)  # warm imports, connections, caches
+        for r in range(rounds):
+            order = list(CONTENDERS)
+            if r % 2:
+                order.reverse()  # interleave so drift in machine load hits every contender alike
+            for name in order:
+                results[name].append(one_round(name, collector, n))
+    finally:
+        collector.close()
+
+    base = BASE
+    med: dict[str, tuple[float, float]] = {}
+    for k, v in results.items():
+        med[k] = (statistics.median(c for c, _ in v), statistics.median(t for _, t in v))
+    print(f"{n} spans x {rounds} rounds, interleaved; medians")
+    print(f"{'contender':52} {'app us/span':>11} {'x BSP':>7} {'e2e spans/s':>12} {'x BSP':>7}")
+    for k, (cost, tput) in med.items():
+        print(f"{k:52} {cost * 1e6:11.2f} {cost / med[base][0]:7.2f} {tput:12.0f} {tput / med[base][1]:7.2f}")
+
+    print("\nclose() at the end of a short script (200 spans), seconds:")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as spool:
+        up = Collector()
+        try:
+            rows: list[tuple[str, Any, Any]] = []
+            for kind in ("ctxprop", "bsp"):
+                t_up, _ = close_time(kind, up.endpoint, spool)
+                t_down, err = close_time(kind, "http://127.0.0.1:9/v1/traces", spool)
+                rows.append((kind, t_up, t_down))
+                if kind == "ctxprop" and err:
+                    print(f"  (ctxprop wrote to stderr: {err[:200]!r})")
+        finally:
+            up.close()
+    for kind, t_up, t_down in rows:
+        label = "ctxprop.close()" if kind == "ctxprop" else "stock provider.shutdown()"
+        print(f"  {label:28} collector up {t_up:6.3f}   collector down {t_down:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
