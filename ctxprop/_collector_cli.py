@@ -130,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the collector until SIGINT or SIGTERM; returns the exit status."""
     from ctxprop._receiver import OTLPReceiver
 
-    jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115 - closed below
+    try:
+        jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115 - closed below
+    except OSError as exc:
+        sys.stderr.write(f"ctxprop collector: cannot write {args.jsonl}: {exc.strerror or exc}\n")
+        return 2
     traces = _Traces(args.settle, jsonl)
     stop = threading.Event()
 

@@ -238,3 +238,20 @@ def test_port_in_use_is_a_clear_error() -> None:
     assert out.returncode == 2
     assert out.stderr.startswith(f"ctxprop collector: cannot listen on 127.0.0.1:{port}")
     assert "Traceback" not in out.stderr
+
+
+def test_unwritable_jsonl_is_a_clear_error(tmp_path: Path) -> None:
+    """--jsonl into a missing directory: exit status 2 and a one-line reason, before listening."""
+    target = tmp_path / "missing" / "spans.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "ctxprop", "collector", "--port", "0", "--jsonl", str(target)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=str(REPO),
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert out.stderr == f"ctxprop collector: cannot write {target}: No such file or directory\n"
+    assert out.stdout == ""
