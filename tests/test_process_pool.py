@@ -301,3 +301,79 @@ def test_forked_worker_spans_from_a_tracer_made_before_the_fork_come_home(
     worker = spans["inherited-tracer-span"]
     assert worker.parent is not None
     assert worker.parent.span_id == parent.get_span_context().span_id
+
+
+def test_spanwire_round_trip_keeps_every_exported_field() -> None:
+    """to_wire/from_wire (through pickle) keep ids, parent, kind, times, attributes, events, links,
+    status, resource and instrumentation scope."""
+    import pickle
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import Link, SpanKind, Status
+
+    from ctxprop._spanwire import from_wire, to_wire
+
+    exp = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({"service.name": "wire", "k": 1}))
+    provider.add_span_processor(SimpleSpanProcessor(exp))
+    tracer = provider.get_tracer("lib", "1.2", schema_url="https://s", attributes={"scope.attr": "x"})
+    linked = trace.SpanContext(1, 2, is_remote=True, trace_state=trace.TraceState([("vendor", "v")]))
+    with tracer.start_as_current_span("outer"):
+        span = tracer.start_span(
+            "inner",
+            kind=SpanKind.CLIENT,
+            attributes={"s": "v", "l": [1, 2]},
+            links=[Link(linked, {"why": "x"})],
+        )
+        span.add_event("evt", {"n": 3}, timestamp=123)
+        span.set_status(Status(StatusCode.ERROR, "broken"))
+        span.end(end_time=span.start_time + 1000)  # type: ignore[attr-defined]
+    original = next(s for s in exp.get_finished_spans() if s.name == "inner")
+    back = from_wire(pickle.loads(pickle.dumps(to_wire(original))))  # noqa: S301 - our own bytes
+    assert back.context == original.context
+    assert back.parent == original.parent
+    assert (back.name, back.kind, back.start_time, back.end_time) == (
+        "inner",
+        SpanKind.CLIENT,
+        original.start_time,
+        original.end_time,
+    )
+    assert dict(back.attributes or {}) == {"s": "v", "l": (1, 2)}
+    assert [(e.name, dict(e.attributes or {}), e.timestamp) for e in back.events] == [("evt", {"n": 3}, 123)]
+    assert [(lk.context, dict(lk.attributes or {})) for lk in back.links] == [(linked, {"why": "x"})]
+    assert back.links[0].context.trace_state == linked.trace_state
+    assert (back.status.status_code, back.status.description) == (StatusCode.ERROR, "broken")
+    assert dict(back.resource.attributes) == dict(original.resource.attributes)
+    assert back.instrumentation_scope == original.instrumentation_scope
+    override = Resource({"service.name": "parent"})
+    assert from_wire(to_wire(original), resource=override).resource is override
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_context_aware_pool_in_run_in_executor_under_instrument_propagates_once(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """run_in_executor with a ContextAwareProcessPoolExecutor while instrumented: right tags and parent."""
+    import asyncio
+
+    ctxprop.instrument()
+    try:
+
+        async def main() -> tuple[dict[str, Any], int]:
+            with (
+                ctxprop.ContextAwareProcessPoolExecutor(max_workers=1, mp_context=FORK) as pool,
+                trace.get_tracer("p").start_as_current_span("submit") as parent,
+            ):
+                ctxprop.set_tag("job", "aio")
+                out = await asyncio.get_running_loop().run_in_executor(pool, traced_task, 5)
+                return out, parent.get_span_context().span_id
+
+        out, parent_id = asyncio.run(main())
+    finally:
+        ctxprop.uninstrument()
+    assert out["tags"] == {"job": "aio"}
+    task = by_name(list(exporter.get_finished_spans()))["task-5"]
+    assert task.parent is not None
+    assert task.parent.span_id == parent_id
