@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -262,6 +263,14 @@ class Spool:
         self._memory_bytes = 0
         self._token_pid = -1
         self._token = ""
+        _open_spools.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent keeps (and sends) what it held in memory; a copy here would be sent twice. A lock
+        # held by one of the parent's threads at fork() would never be released here.
+        self._lock = threading.Lock()
+        self._memory = deque()
+        self._memory_bytes = 0
 
     @classmethod
     def open(
@@ -636,7 +645,13 @@ class Spool:
         for index, (payload, spans, _created) in enumerate(records):
             verdict = _attempt(send, payload, deadline)
             if verdict is _FAILED:
-                self._give_back(name, lease, records[index:], intact=index == 0 and not corrupt)
+                try:
+                    self._give_back(name, lease, records[index:], intact=index == 0 and not corrupt)
+                except OSError:
+                    # Cannot rewrite the rest (disk full?): keep the whole segment rather than a lease
+                    # nobody would recover while we live; its delivered records may be sent again.
+                    with contextlib.suppress(OSError):
+                        os.rename(lease, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
                 return delivered, False
             if verdict is _REJECTED:
                 # The collector refuses this request for good: keeping it would block everything after it.
@@ -794,6 +809,18 @@ def _report(progress: Optional[Callable[[int], None]], spans: int) -> None:
     if progress is not None:
         with contextlib.suppress(Exception):
             progress(spans)
+
+
+_open_spools: weakref.WeakSet[Spool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for spool in list(_open_spools):
+        spool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _spans_of(name: str) -> int:

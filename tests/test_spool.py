@@ -555,3 +555,23 @@ def test_fsync_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     sent = Collect()
     assert spool.replay(sent, FAR) == 2
     assert sent.payloads == [b"unsynced"]
+
+
+def test_forked_child_does_not_inherit_memory_records(tmp_path: Path) -> None:
+    """After fork(), the child's memory-only spool is empty: only the parent sends what it held."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.warns(RuntimeWarning):
+        spool = Spool.open(blocker / "spool")
+    spool.append(b"parent's", 5)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe and leaves at once
+        os.write(write_end, str(spool.status().spans).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as r:
+        child_spans = r.read().decode()
+    os.waitpid(pid, 0)
+    assert child_spans == "0"
+    assert spool.status().spans == 5
