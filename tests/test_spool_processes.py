@@ -89,6 +89,8 @@ def test_two_processes_replaying_one_spool_deliver_exactly_once(
     """Two processes started together on one spool: all 1000 spans arrive, none twice, both took part."""
     spool_dir = tmp_path / "spool"
     fill_spool(spool_dir, 100, 10)
+    # 20 ms per request: one process alone would need 2 s, so both are surely replaying at the same time.
+    receiver.set_mode("slow", delay=0.02)
     code = f"""
 import json, sys, time
 from ctxprop._spool import Spool
@@ -118,6 +120,7 @@ print(json.dumps({{"sent": n}}), flush=True)
             os.unlink(path)
     sent = [json.loads(out.strip().splitlines()[-1])["sent"] for out, _err in outs]
     assert sum(sent) == 1000, outs
+    assert min(sent) > 0, sent
     assert receiver.wait_for_spans(1000, 10)
     counts = Counter(s.name for s in receiver.spans)
     assert len(counts) == 1000
