@@ -33,6 +33,17 @@ from ctxprop._worker import worker
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # Names that need an optional dependency are imported only when asked for, so that sentry-sdk stays
+    # optional and `from ctxprop import *` never imports it.
+    if name == "CtxpropIntegration":
+        from ctxprop._sentry import CtxpropIntegration
+
+        return CtxpropIntegration
+    raise AttributeError(f"module 'ctxprop' has no attribute {name!r}")
+
+
 __all__ = [
     "AttrValue",
     "ContextAwareProcessPoolExecutor",
