@@ -6,13 +6,15 @@ ours):
 - ``concurrent.futures.ThreadPoolExecutor.submit``: captures like ``ContextAwareThreadPoolExecutor``
   (so ``map`` and ``loop.run_in_executor`` with a thread pool or the loop's default executor follow);
   executors that propagate themselves are left alone, so nothing is captured twice.
+- ``concurrent.futures.ProcessPoolExecutor.submit`` (and so ``map``): the cross-process envelope of
+  ``ContextAwareProcessPoolExecutor`` (trace context, baggage and tags travel; worker spans come back to
+  this process's pipeline).
 - ``threading.Thread.start`` (so ``Timer`` and subclasses that override ``run`` follow): the thread's
   ``run`` runs in the context of the code that called ``start()``. Threads that executors and
   ``multiprocessing`` start for their own machinery are excluded: a pool's worker thread is started by
   whichever ``submit`` comes first, and must not keep that caller's context for the rest of its life.
 - ``asyncio.BaseEventLoop.run_in_executor`` for executors that are not thread pools: a
-  ``ProcessPoolExecutor`` gets the cross-process envelope of ``ContextAwareProcessPoolExecutor`` (trace
-  context and tags travel, worker spans come back); any other executor gets a captured snapshot.
+  ``ProcessPoolExecutor`` gets the envelope above; any other executor gets a captured snapshot.
 
 ``opentelemetry-instrument python app.py`` turns this on through the ``opentelemetry_instrumentor``
 entry point (:class:`CtxpropInstrumentor`).
@@ -21,6 +23,7 @@ entry point (:class:`CtxpropInstrumentor`).
 from __future__ import annotations
 
 import asyncio.base_events
+import concurrent.futures.process
 import concurrent.futures.thread
 import functools
 import threading
@@ -93,6 +96,23 @@ def _submit_wrapper(
     )
 
 
+def _process_submit_wrapper(
+    wrapped: Callable[..., Future[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Future[Any]:
+    if not _active or not args or _propagates_itself(instance) or _carries_envelope(args[0]):
+        return wrapped(*args, **kwargs)
+    from ctxprop._process_pool import submit_with_context
+
+    return submit_with_context(instance, args[0], args[1:], kwargs)
+
+
+def _carries_envelope(fn: object) -> bool:
+    """Whether ``fn`` already is a cross-process task of ctxprop (submit_with_context, bind_for_process)."""
+    from ctxprop._process_pool import _run_in_worker
+
+    return fn is _run_in_worker or (isinstance(fn, functools.partial) and fn.func is _run_in_worker)
+
+
 def _is_infrastructure(thread: threading.Thread) -> bool:
     target = getattr(thread, "_target", None)
     module = getattr(target, "__module__", None) if target is not None else type(thread).__module__
@@ -151,6 +171,8 @@ def _run_in_executor_wrapper(
     if executor is None or isinstance(executor, ThreadPoolExecutor) or _propagates_itself(executor):
         return wrapped(*args)  # thread pools capture in their (patched or own) submit
     if isinstance(executor, ProcessPoolExecutor):
+        if _carries_envelope(args[1]):
+            return wrapped(*args)
         return wrapped(_ProcessSubmit(executor), *args[1:])
     if isinstance(executor, Executor):
         snap = _capture.capture()
@@ -160,6 +182,7 @@ def _run_in_executor_wrapper(
 
 _TARGETS: tuple[tuple[Any, str, Callable[..., Any]], ...] = (
     (concurrent.futures.thread.ThreadPoolExecutor, "submit", _submit_wrapper),
+    (concurrent.futures.process.ProcessPoolExecutor, "submit", _process_submit_wrapper),
     (threading.Thread, "start", _start_wrapper),
     (asyncio.base_events.BaseEventLoop, "run_in_executor", _run_in_executor_wrapper),
 )

@@ -32,6 +32,7 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 
 ORIGINALS = {
     "submit": ThreadPoolExecutor.submit,
+    "process_submit": ProcessPoolExecutor.submit,
     "start": threading.Thread.start,
     "run_in_executor": asyncio.base_events.BaseEventLoop.run_in_executor,
 }
@@ -70,6 +71,7 @@ def test_uninstrument_restores_the_original_functions() -> None:
     ctxprop.uninstrument()
     assert ThreadPoolExecutor.submit is ORIGINALS["submit"]
     assert threading.Thread.start is ORIGINALS["start"]
+    assert ProcessPoolExecutor.submit is ORIGINALS["process_submit"]
     assert asyncio.base_events.BaseEventLoop.run_in_executor is ORIGINALS["run_in_executor"]
     assert not is_instrumented()
     ctxprop.uninstrument()  # a second undo is a no-op
@@ -342,6 +344,28 @@ def test_run_in_executor_with_a_process_pool_under_instrument(exporter: InMemory
     assert worker.parent.span_id == parent_id
     assert worker.attributes is not None
     assert worker.attributes["job"] == "proc"
+
+
+def test_plain_process_pool_submit_and_map_under_instrument(exporter: InMemorySpanExporter) -> None:
+    """A plain ProcessPoolExecutor's submit and map carry tags and the span; worker spans come home."""
+    ctxprop.instrument()
+    with (
+        ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork")) as pool,
+        ctxprop.isolation_scope(),
+        trace.get_tracer("t").start_as_current_span("submitter") as span,
+    ):
+        ctxprop.set_tag("job", "plain-proc")
+        first = pool.submit(_process_task).result(timeout=60)
+        rest = list(pool.map(_process_task_n, range(3)))
+    assert first[0] == {"job": "plain-proc"}
+    assert rest == [{"job": "plain-proc"}] * 3
+    workers = [s for s in finished(exporter) if s.name == "in-process-worker"]
+    assert len(workers) == 4
+    assert {s.parent.span_id for s in workers if s.parent} == {span.get_span_context().span_id}
+
+
+def _process_task_n(_: int) -> dict[str, Any]:
+    return _process_task()[0]
 
 
 class _QueueExecutor(Executor):
