@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -18,7 +21,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
-from support import OTLPReceiver, receiver  # noqa: F401
+from support import OTLPReceiver, child_env, receiver  # noqa: F401
 
 import ctxprop
 from ctxprop._process_pool import bind_for_process, unpack_result
@@ -377,3 +380,60 @@ def test_context_aware_pool_in_run_in_executor_under_instrument_propagates_once(
     task = by_name(list(exporter.get_finished_spans()))["task-5"]
     assert task.parent is not None
     assert task.parent.span_id == parent_id
+
+
+POOL_SCRIPT = """
+import json, multiprocessing, os, sys
+import ctxprop
+from opentelemetry import trace
+
+def work(i):
+    with trace.get_tracer("worker").start_as_current_span("work") as span:
+        span.set_attribute("i", i)
+    return os.getpid()
+
+if __name__ == "__main__":
+    # The pool exists before init(), before any scope or span; nothing is set up in the workers.
+    pool = ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=2, mp_context=multiprocessing.get_context(sys.argv[1])
+    )
+    ctxprop.init(service_name="script", endpoint=os.environ["RX"], spool_dir=os.environ["SPOOL"])
+    ctxprop.set_tag("run", "e2e")
+    with trace.get_tracer("main").start_as_current_span("main") as main:
+        pids = set(pool.map(work, range(40)))
+    pool.shutdown()
+    print(json.dumps({"main": format(main.get_span_context().span_id, "016x"),
+                      "in_workers": os.getpid() not in pids}))
+    # no close(): the normal exit delivers what is left
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_script_with_a_pool_delivers_every_worker_span_to_the_collector(
+    method: str,
+    receiver: OTLPReceiver,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A real script (spawn/forkserver workers, no set-up in them, no close()): all 40 worker spans reach the
+    collector under the main span with the script's service name and tags; nothing on stderr."""
+    script = tmp_path / "pool_script.py"
+    script.write_text(POOL_SCRIPT)
+    env = child_env({"RX": receiver.endpoint, "SPOOL": str(tmp_path / "spool")})
+    done = subprocess.run(
+        [sys.executable, str(script), method],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["in_workers"]
+    assert receiver.wait_for_spans(41, 30)
+    work = [s for s in receiver.spans if s.name == "work"]
+    assert sorted(s.attributes["i"] for s in work) == list(range(40))
+    assert {s.parent_span_id for s in work} == {out["main"]}
+    assert {s.service_name for s in work} == {"script"}
+    assert {s.attributes["run"] for s in work} == {"e2e"}
