@@ -47,12 +47,11 @@ def main() -> None:
         ctxprop.close()
         ctx = parent.get_span_context()
         child = next(s for s in collector.spans if s.name == "export-rows")
-        print(f"child exited with {done.returncode}; its span {child.name!r} (service {child.service_name})")
-        print(f"  same trace as the parent: {child.trace_id == format(ctx.trace_id, '032x')}")
-        print(
-            f"  child of the parent's 'nightly' span: {child.parent_span_id == format(ctx.span_id, '016x')}"
-        )
-        print(f"  carries the parent's tag run={child.attributes.get('run')}")
+        same_trace = child.trace_id == format(ctx.trace_id, "032x")
+        under_parent = child.parent_span_id == format(ctx.span_id, "016x")
+        print(f"child exited with {done.returncode}; its span {child.name!r} (service {child.service_name}):")
+        print(f"same trace as the parent: {same_trace}; child of the parent's 'nightly' span: {under_parent}")
+        print(f"carries the parent's tag run={child.attributes.get('run')}")
 
 
 if __name__ == "__main__":
