@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from collections.abc import Callable
 from contextvars import Context, ContextVar, copy_context
 from typing import Any, Generic, Protocol, TypeVar
@@ -45,20 +46,25 @@ class CaptureHook(Protocol, Generic[T]):
         ...
 
 
+# A tuple swapped whole, so the submit path reads it without a lock; registrations serialise on
+# _hooks_lock so two at once cannot drop one another.
 _hooks: tuple[CaptureHook[Any], ...] = ()
+_hooks_lock = threading.Lock()
 
 
 def register_capture_hook(hook: CaptureHook[Any]) -> None:
     """Carry ``hook``'s state with every capture from now on (idempotent per hook object)."""
     global _hooks  # noqa: PLW0603
-    if hook not in _hooks:
-        _hooks = (*_hooks, hook)
+    with _hooks_lock:
+        if not any(h is hook for h in _hooks):
+            _hooks = (*_hooks, hook)
 
 
 def unregister_capture_hook(hook: CaptureHook[Any]) -> None:
     """Stop carrying ``hook``'s state."""
     global _hooks  # noqa: PLW0603
-    _hooks = tuple(h for h in _hooks if h is not hook)
+    with _hooks_lock:
+        _hooks = tuple(h for h in _hooks if h is not hook)
 
 
 def _capture_extra() -> tuple[tuple[CaptureHook[Any], Any], ...]:

@@ -91,6 +91,9 @@ class _WarnOnce:
 def _decorate(
     fn: Callable[P, R], name: Optional[str], attributes: Optional[Mapping[str, AttrValue]]
 ) -> Callable[P, R]:
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        # The call only builds the generator: the span would end before any of its work ran.
+        raise TypeError(f"@worker cannot decorate the generator function {fn!r}; decorate its consumer")
     qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     span_name = name or qualname
     attrs = dict(attributes) if attributes else None

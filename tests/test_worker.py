@@ -301,3 +301,33 @@ def test_orphan_under_plain_pool_parented_under_context_aware(exporter: InMemory
     jobs = [s for s in exporter.get_finished_spans() if s.name == "job"]
     parents = [s.parent.span_id if s.parent else None for s in jobs]
     assert parents == [None, parent.get_span_context().span_id]
+
+
+def test_generator_functions_rejected() -> None:
+    """@worker refuses generator functions, whose span would end before their work runs."""
+
+    def gen() -> Iterator[int]:
+        yield 1
+
+    async def agen() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match="generator"):
+        ctxprop.worker(gen)
+    with pytest.raises(TypeError, match="generator"):
+        ctxprop.worker(name="x")(agen)
+
+
+def test_method_keeps_binding(exporter: InMemorySpanExporter) -> None:
+    """A decorated method still binds self; its span is named by the qualified name."""
+
+    class Resizer:
+        def __init__(self) -> None:
+            self.factor = 3
+
+        @ctxprop.worker
+        def scale(self, x: int) -> int:
+            return x * self.factor
+
+    assert Resizer().scale(2) == 6
+    assert any(name.endswith("Resizer.scale") for name in _spans(exporter))
