@@ -130,6 +130,9 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._pending_spans = 0
         self._inflight: Optional[_Batch] = None
         self._export_lock = threading.Lock()
+        # One replay at a time in this process: close() must wait for a background replay that holds
+        # leased segments rather than exit under it.
+        self._replay_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._signalled = False
@@ -223,16 +226,20 @@ class CtxpropSpanProcessor(SpanProcessor):
         if not self._want_replay or self._spool is None or self._sender is None or self._down:
             return
         self._want_replay = False
+        if not self._replay_lock.acquire(blocking=False):
+            return
         try:
             if not self._spool.has_pending():
                 return
             sent = self._spool.replay(self._sender, time.monotonic() + _REPLAY_SLICE)
             self._count("replayed", sent)
-            if self._spool.has_pending():
+            if self._spool.has_pending() and not self._is_stopping():
                 self._want_replay = True
                 self._wake.set()
         except Exception:  # noqa: BLE001 - a spool fault must not stop exporting
             self._count("spool_errors", 1)
+        finally:
+            self._replay_lock.release()
 
     def request_replay(self) -> None:
         """Ask the worker to send what the spool holds (after ``init()``, or when the collector is back)."""
@@ -455,9 +462,14 @@ class CtxpropSpanProcessor(SpanProcessor):
         """Send spooled payloads until ``deadline``; returns spans delivered."""
         if self._spool is None or self._sender is None:
             return 0
-        if time.monotonic() >= deadline or not self._spool_call("has_pending"):
+        if not self._replay_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return 0
-        sent = self._spool_call("replay", self._sender, deadline) or 0
+        try:
+            if time.monotonic() >= deadline or not self._spool_call("has_pending"):
+                return 0
+            sent = self._spool_call("replay", self._sender, deadline) or 0
+        finally:
+            self._replay_lock.release()
         self._count("replayed", int(sent))
         return int(sent)
 

@@ -256,3 +256,27 @@ def test_exactly_one_of_exporter_or_sender() -> None:
     """The processor needs exactly one of exporter= or sender=."""
     with pytest.raises(ValueError, match="exactly one"):
         CtxpropSpanProcessor()
+
+
+def test_close_finishes_a_background_replay_it_raced_with(
+    receiver: OTLPReceiver, procs: list[CtxpropSpanProcessor], tmp_path: Path
+) -> None:
+    """shutdown right after a background replay started still delivers every spooled span, once."""
+    from ctxprop._export import encode
+
+    mem = RecordingExporter()
+    src = CtxpropSpanProcessor(exporter=mem, max_export_batch_size=50, schedule_delay=60)
+    procs.append(src)
+    _make(_provider(src), 200, "old")
+    assert src.flush_until(time.monotonic() + 20)
+    spool = Spool.open(tmp_path / "spool")
+    for i in range(0, 200, 50):
+        spool.append(encode(mem.spans[i : i + 50]), 50)
+    receiver.set_mode("slow", delay=0.3)  # each replayed request takes a while: the race is wide open
+    proc = CtxpropSpanProcessor(sender=OTLPSender(receiver.endpoint), spool=spool, schedule_delay=60)
+    procs.append(proc)
+    proc.request_replay()
+    assert proc.shutdown_until(time.monotonic() + 10)
+    names = [s.name for s in receiver.spans]
+    assert sorted(names) == sorted(f"old{i}" for i in range(200))
+    assert not spool.has_pending()
