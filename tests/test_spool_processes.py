@@ -491,11 +491,6 @@ def test_durable_mode_survives_kill_9(tmp_path: Path, receiver: OTLPReceiver) ->
     assert missing == []
 
 
-@pytest.mark.xfail(
-    strict=False,  # it can pass by luck of timing; it must pass always once the pipeline writes ahead
-    reason="pipeline: while a failed batch backs off, _processor._cycle does not batch (write ahead) the "
-    "queue, so spans ended during the backoff are not on disk; fix requested from the pipeline engineer",
-)
 def test_durable_mode_survives_kill_9_for_spans_ended_during_backoff(
     tmp_path: Path,
     receiver: OTLPReceiver,  # noqa: F811
