@@ -115,6 +115,17 @@ def test_map_captures_per_item() -> None:
     assert out == [(i, "mapper", 9) for i in range(20)]
 
 
+def test_any_keyword_names_pass_through() -> None:
+    """Keyword arguments named like the pool's or ctxprop's own parameters reach the task untouched."""
+
+    def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, kwargs
+
+    names = {"fn": 1, "self": 2, "callable": 3, "iso_tags": 4, "cur_tags": 5, "extra": 6, "args": 7}
+    with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(echo, "a", "b", **names).result(timeout=30) == (("a", "b"), names)
+
+
 def test_exception_is_the_tasks_own() -> None:
     """A task's exception reaches future.result() as the same object, with the task's frame."""
     err = ValueError("bad input")
