@@ -155,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (< 20 s)")
     parser.add_argument("--rounds", type=int, help="interleaved throughput rounds")
     parser.add_argument("--tasks", type=int, help="no-op tasks per round")
+    parser.add_argument("--smoke", action="store_true", help="a second's run that proves the script works")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (7 if args.quick else 21)
-    tasks = args.tasks or (2000 if args.quick else 6000)
-    micro_rounds = 5 if args.quick else 11
-    micro_number = 50_000 if args.quick else 200_000
+    rounds = args.rounds or (1 if args.smoke else 7 if args.quick else 15)
+    tasks = args.tasks or (100 if args.smoke else 2000 if args.quick else 4000)
+    micro_rounds = 1 if args.smoke else 5 if args.quick else 11
+    micro_number = 1000 if args.smoke else 50_000 if args.quick else 200_000
 
     # Scopes as a busy application would have them: 20 tags on each.
     for i in range(TAGS):

@@ -40,3 +40,21 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert proc.stdout.strip()
+
+
+def test_propagation_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/bench_propagation.py still runs end to end (tiny sizes; timings are not checked)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_propagation.py"), "--smoke"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    for label in ("ContextAwareThreadPoolExecutor", "sentry-sdk ThreadingIntegration", "OTel Threading"):
+        assert label in proc.stdout
+    assert "capture() with 20+20 tags" in proc.stdout
