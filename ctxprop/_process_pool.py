@@ -133,7 +133,6 @@ def bind_for_process(
     caller's trace context and scopes, for any ``ProcessPoolExecutor``; pass its result to
     :func:`unpack_result`.
 
-    >>> import functools
     >>> bound = bind_for_process(max, (1, 5))
     >>> unpack_result(bound())  # in a pool: unpack_result(pool.submit(bound).result())
     5
@@ -170,11 +169,15 @@ class _OutcomeFuture(Future):  # type: ignore[type-arg]
         if exc is not None:
             self.set_exception(exc)
             return
-        ok, payload, spans = inner.result()
-        if spans:
-            _deliver(spans)
-            if self._on_spans is not None:
-                self._on_spans()
+        try:
+            ok, payload, spans = inner.result()
+            if spans:
+                _deliver(spans)
+                if self._on_spans is not None:
+                    self._on_spans()
+        except Exception as fault:  # noqa: BLE001 - never let a callback error escape to the pool's logger
+            self.set_exception(fault)
+            return
         if ok:
             self.set_result(payload)
         else:
