@@ -171,7 +171,14 @@ class CtxpropSpanProcessor(SpanProcessor):
     def _drop_on_end(self) -> None:
         self._count("dropped_after_shutdown" if self._shut else "dropped_queue_full", 1)
 
+    def _check_pid(self) -> None:
+        # Backup for the at-fork hook (a fork that bypassed it, e.g. through a C extension): a child must
+        # never export what its parent queued.
+        if self._pid != os.getpid():
+            self._after_fork_in_child()
+
     def _start_worker(self) -> None:
+        self._check_pid()
         with self._count_lock:
             if self._worker_started:
                 return
@@ -437,6 +444,7 @@ class CtxpropSpanProcessor(SpanProcessor):
 
         What is still undelivered at the deadline goes to the spool (OTLP path). Never raises.
         """
+        self._check_pid()
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         try:
             # Keep a slice of the budget to write leftovers to the spool before the deadline.

@@ -280,3 +280,19 @@ def test_close_finishes_a_background_replay_it_raced_with(
     names = [s.name for s in receiver.spans]
     assert sorted(names) == sorted(f"old{i}" for i in range(200))
     assert not spool.has_pending()
+
+
+def test_pid_check_backs_up_the_fork_hook(procs: list[CtxpropSpanProcessor]) -> None:
+    """If the pid changed without the at-fork hook running, flush drops the inherited queue instead of
+    exporting the parent's spans."""
+    exp = RecordingExporter()
+    proc = CtxpropSpanProcessor(exporter=exp, schedule_delay=60)
+    procs.append(proc)
+    provider = _provider(proc)
+    _make(provider, 5, "parent")
+    proc._pid = -1  # as if this were a child forked behind the hook's back
+    assert proc.flush_until(time.monotonic() + 10)
+    assert exp.spans == []
+    _make(provider, 2, "child")
+    assert proc.flush_until(time.monotonic() + 10)
+    assert [s.name for s in exp.spans] == ["child0", "child1"]
