@@ -210,11 +210,20 @@ def _owner_alive(pid: int, boot: str, start: int) -> bool:
     return state not in ("Z", "X") and start in (0, started)
 
 
+def _check_parent(path: Path) -> None:
+    """Whoever controls the parent can swap the spool directory: only this user or root may."""
+    st = os.stat(path.parent)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise _Refused(f"{path.parent} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise _Refused(f"{path.parent} is writable by every user and not sticky")
+
+
 def _open_private_dir(path: Path) -> int:
-    if not os.path.lexists(path):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_parent(path)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
     try:
         fd = os.open(path, _DIR_FLAGS)
     except OSError as exc:

@@ -575,3 +575,26 @@ def test_forked_child_does_not_inherit_memory_records(tmp_path: Path) -> None:
     os.waitpid(pid, 0)
     assert child_spans == "0"
     assert spool.status().spans == 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a directory owned by another user")
+def test_parent_pre_created_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A spool under a directory another user owns (who could swap it) is refused: memory-only."""
+    parent = tmp_path / "ctxprop"
+    parent.mkdir(mode=0o755)
+    os.chown(parent, 65534, 65534)
+    with pytest.warns(RuntimeWarning, match="belongs to uid 65534"):
+        spool = Spool.open(parent / "svc")
+    assert spool.status().memory_only
+
+
+def test_world_writable_parent_without_sticky_bit_is_refused(tmp_path: Path) -> None:
+    """A spool under a world-writable, non-sticky directory is refused; a sticky one (like /tmp) is fine."""
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+    with pytest.warns(RuntimeWarning, match="writable by every user"):
+        assert Spool.open(open_parent / "svc").status().memory_only
+    assert os.listdir(open_parent) == []
+    open_parent.chmod(0o1777)
+    assert not Spool.open(open_parent / "svc2").status().memory_only
