@@ -21,7 +21,7 @@ __all__ = ["DEFAULT_ENDPOINT", "PipelineConfig", "build_config", "resolve_endpoi
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 DEFAULT_MAX_QUEUE_SIZE = 8192
-DEFAULT_MAX_EXPORT_BATCH_SIZE = 1024
+DEFAULT_MAX_EXPORT_BATCH_SIZE = 512
 DEFAULT_SCHEDULE_DELAY = 1.0
 DEFAULT_EXPORT_TIMEOUT = 10.0
 _COMPRESSIONS = ("none", "gzip", "deflate")

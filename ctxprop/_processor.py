@@ -92,7 +92,7 @@ class CtxpropSpanProcessor(SpanProcessor):
         sender: Optional[Sender] = None,
         spool: Any = None,
         max_queue_size: int = 8192,
-        max_export_batch_size: int = 1024,
+        max_export_batch_size: int = 512,
         schedule_delay: float = 1.0,
         export_timeout: float = 10.0,
         durable: bool = False,
