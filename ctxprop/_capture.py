@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextvars import Context, ContextVar, copy_context
 from typing import Any, Generic, Protocol, TypeVar
 
+from ctxprop import _stats
 from ctxprop._scopes import CURRENT, ISOLATION, AttrValue, Scope
 
 if sys.version_info >= (3, 10):
@@ -73,8 +74,6 @@ def _capture_extra() -> tuple[tuple[CaptureHook[Any], Any], ...]:
         try:
             extra.append((hook, hook.capture()))
         except Exception:  # noqa: BLE001 - a hook's fault must not reach the submitter
-            from ctxprop import _stats
-
             _stats.incr("capture_hook_errors")
     return tuple(extra)
 
@@ -100,8 +99,6 @@ def _enter(
         try:
             hook.activate(state)
         except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
-            from ctxprop import _stats
-
             _stats.incr("capture_hook_errors")
     return fn(*args, **kwargs)
 
@@ -130,8 +127,6 @@ def _enter_flat(
         try:
             hook.activate(state)
         except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
-            from ctxprop import _stats
-
             _stats.incr("capture_hook_errors")
     return fn(*args, **kwargs)
 
