@@ -15,6 +15,7 @@ from ctxprop._executors import ContextAwareThreadPoolExecutor, run_in_executor_w
 from ctxprop._instrument import instrument, uninstrument
 from ctxprop._pipeline import aclose, aflush, close, flush, init
 from ctxprop._process_pool import ContextAwareProcessPoolExecutor
+from ctxprop._proxy import run_proxied
 from ctxprop._scopes import (
     AttrValue,
     Scope,
@@ -27,7 +28,7 @@ from ctxprop._scopes import (
     use_scope,
 )
 from ctxprop._stats import snapshot as stats
-from ctxprop._subprocess import subprocess_env
+from ctxprop._subprocess import popen_with_context, run_subprocess, subprocess_env
 from ctxprop._tagging import ScopeTagSpanProcessor
 from ctxprop._worker import worker
 
@@ -63,7 +64,10 @@ __all__ = [
     "instrument",
     "isolation_scope",
     "new_scope",
+    "popen_with_context",
     "run_in_executor_with_context",
+    "run_proxied",
+    "run_subprocess",
     "set_tag",
     "stats",
     "subprocess_env",
