@@ -27,7 +27,7 @@ import concurrent.futures.process
 import concurrent.futures.thread
 import functools
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextvars import copy_context
 from typing import Any
@@ -38,7 +38,7 @@ from ctxprop import _capture
 from ctxprop._capture import _capture_extra, _enter
 from ctxprop._scopes import CURRENT, ISOLATION
 
-__all__ = ["CtxpropInstrumentor", "instrument", "is_instrumented", "uninstrument"]
+__all__ = ["instrument", "is_instrumented", "uninstrument"]
 
 _lock = threading.Lock()
 _active = False  # read by every wrapper: uninstrument() turns them into pass-throughs at once
@@ -257,53 +257,3 @@ def is_instrumented() -> bool:
     .. versionadded:: 0.1.0
     """
     return _active
-
-
-class _FallbackInstrumentor:
-    """The parts of ``BaseInstrumentor`` used here, when opentelemetry-instrumentation is absent."""
-
-    def instrument(self, **kwargs: Any) -> None:
-        self._instrument(**kwargs)
-
-    def uninstrument(self, **kwargs: Any) -> None:
-        self._uninstrument(**kwargs)
-
-    def _instrument(self, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-
-def _instrumentor_base() -> Any:
-    # Looked up at run time: mypy does not see BaseInstrumentor in opentelemetry-instrumentation 0.66b1,
-    # and ctxprop does not depend on that package (only opentelemetry-instrument loads this class).
-    try:
-        from opentelemetry.instrumentation import instrumentor
-
-        return getattr(instrumentor, "BaseInstrumentor", _FallbackInstrumentor)
-    except ImportError:  # pragma: no cover
-        return _FallbackInstrumentor
-
-
-_Base: Any = _instrumentor_base()
-
-
-class CtxpropInstrumentor(_Base):  # type: ignore[misc]
-    """The ``opentelemetry_instrumentor`` entry point: ``opentelemetry-instrument python app.py`` calls
-    :func:`instrument` before the application starts.
-
-    >>> CtxpropInstrumentor().instrument()
-    >>> CtxpropInstrumentor().uninstrument()
-
-    .. versionadded:: 0.1.0
-    """
-
-    def instrumentation_dependencies(self) -> Collection[str]:
-        return ()
-
-    def _instrument(self, **kwargs: Any) -> None:
-        instrument()
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        uninstrument()

@@ -26,7 +26,8 @@ from support import child_env
 
 import ctxprop
 from ctxprop import _capture
-from ctxprop._instrument import CtxpropInstrumentor, is_instrumented
+from ctxprop._instrument import is_instrumented
+from ctxprop._otel_instrumentor import CtxpropInstrumentor
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
