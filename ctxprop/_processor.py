@@ -353,6 +353,11 @@ class CtxpropSpanProcessor(SpanProcessor):
                 return self._defer(batch, wait, later)
             if later >= deadline or wait > _RETRY_AFTER_CAP:
                 return False
+            if self._spool is not None and out.status is None and (self._down or batch.attempts >= 2):
+                # Unreachable (refused, reset, timed out) twice: at a deadline, the spool is the better
+                # place for these spans than the rest of the caller's time (a short script's exit).
+                self._down = True
+                return False
             self._sleep(wait)
 
     def _settled(self, batch: _Batch, out: SendOutcome) -> None:
