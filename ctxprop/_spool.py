@@ -56,8 +56,9 @@ _DEFAULT_MAX_BYTES = 64 * 2**20
 _DEFAULT_MAX_AGE = 7 * 86400.0
 _EVENTS_MAX = 1 << 20
 
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+# getattr: these flags are POSIX-only; elsewhere the spool opens memory-only instead of failing to import.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW
 
 
 def _sanitize(service_name: Optional[str]) -> str:
