@@ -69,12 +69,36 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
             initializer = _run_clean
         super().__init__(max_workers, thread_name_prefix, initializer, initargs)
 
+    #: Whether the next ``submit`` after ours in the MRO is the stdlib's: then submit() calls it by
+    #: name (looked up at each call, so monkeypatches still apply) instead of through super(), which
+    #: costs a super object and a second argument repacking on every task. A subclass that mixes in
+    #: another pool with its own submit gets the cooperative super() path.
+    _stdlib_submit_next = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        after = cls.__mro__[cls.__mro__.index(ContextAwareThreadPoolExecutor) + 1 :]
+        cls._stdlib_submit_next = next(k for k in after if "submit" in vars(k)) is ThreadPoolExecutor
+
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Schedule ``fn(*args, **kwargs)`` in the caller's context, with forked scopes."""
         # capture() inlined, and the unbound Context.run handed to the pool instead of a Python
         # trampoline or a bound method: this is the per-task hot path, where each call level and each
         # object a queued task keeps alive (the GC walks them all) costs a visible share of a no-op
         # task's round trip. The fresh copy_context() is private to this task, so no second copy.
+        if self._stdlib_submit_next:
+            return ThreadPoolExecutor.submit(
+                self,
+                _context_run,
+                copy_context(),
+                _enter_flat,
+                ISOLATION.get()._tags,
+                CURRENT.get()._tags,
+                _capture_extra() if _capture._hooks else (),
+                fn,
+                *args,
+                **kwargs,
+            )
         return super().submit(
             _context_run,
             copy_context(),

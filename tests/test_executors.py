@@ -126,6 +126,49 @@ def test_any_keyword_names_pass_through() -> None:
         assert pool.submit(echo, "a", "b", **names).result(timeout=30) == (("a", "b"), names)
 
 
+class _CountingPool(ThreadPoolExecutor):
+    """Another pool subclass with its own submit, to mix in after ours."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+class _MixedPool(ctxprop.ContextAwareThreadPoolExecutor, _CountingPool):
+    pass
+
+
+def test_cooperates_with_other_pool_subclasses() -> None:
+    """Mixed with another pool's submit in the MRO, both run: that one is called and context travels."""
+    REQUEST_ID.set("mixed")
+    assert not _MixedPool._stdlib_submit_next
+    with _MixedPool(max_workers=1) as pool:
+        assert pool.submit(REQUEST_ID.get).result(timeout=30) == "mixed"
+        assert list(pool.map(lambda _: REQUEST_ID.get(), range(3))) == ["mixed"] * 3
+    assert pool.submitted == 4
+
+
+def test_subclass_overriding_submit_keeps_propagation() -> None:
+    """A user subclass whose submit calls super() still propagates (the fast path stays correct)."""
+
+    class Audited(ctxprop.ContextAwareThreadPoolExecutor):
+        calls = 0
+
+        def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+            type(self).calls += 1
+            return super().submit(fn, *args, **kwargs)
+
+    REQUEST_ID.set("audited")
+    assert Audited._stdlib_submit_next
+    with Audited(max_workers=1) as pool:
+        assert pool.submit(REQUEST_ID.get).result(timeout=30) == "audited"
+    assert Audited.calls == 1
+
+
 def test_exception_is_the_tasks_own() -> None:
     """A task's exception reaches future.result() as the same object, with the task's frame."""
     err = ValueError("bad input")
