@@ -49,6 +49,9 @@ _RETRY_AFTER_CAP = 30.0
 _GIVE_UP_AFTER = 10.0
 # Background replay of the spool works in slices so new batches are never held up for long.
 _REPLAY_SLICE = 1.0
+# After a replay the collector refused, probe it again after this long, doubling up to the cap.
+_REPLAY_BACKOFF_START = 2.0
+_REPLAY_BACKOFF_CAP = 60.0
 
 
 class _Batch:
@@ -140,6 +143,8 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._worker_started = False
         self._down = False
         self._want_replay = False
+        self._replay_at = 0.0
+        self._replay_backoff = 0.0
         self._last_export = time.monotonic()
         self._pid = os.getpid()
 
@@ -212,8 +217,16 @@ class CtxpropSpanProcessor(SpanProcessor):
     def _run(self) -> None:
         while not self._is_stopping():
             timeout = self._schedule_delay
+            now = time.monotonic()
             if self._pending:
-                timeout = max(0.0, min(timeout, self._pending[0].not_before - time.monotonic()))
+                timeout = max(0.0, min(timeout, self._pending[0].not_before - now))
+            if self._replay_at:
+                if now >= self._replay_at:
+                    self._replay_at = 0.0
+                    self._want_replay = True
+                    timeout = 0.0
+                else:
+                    timeout = min(timeout, self._replay_at - now)
             timer = not self._wake.wait(timeout)
             self._wake.clear()
             self._signalled = False
@@ -230,7 +243,7 @@ class CtxpropSpanProcessor(SpanProcessor):
                 detach(token)
 
     def _background_replay(self) -> None:
-        if not self._want_replay or self._spool is None or self._sender is None or self._down:
+        if not self._want_replay or self._spool is None or self._sender is None:
             return
         self._want_replay = False
         if not self._replay_lock.acquire(blocking=False):
@@ -240,9 +253,19 @@ class CtxpropSpanProcessor(SpanProcessor):
                 return
             sent = self._spool.replay(self._sender, time.monotonic() + _REPLAY_SLICE)
             self._count("replayed", sent)
-            if self._spool.has_pending() and not self._is_stopping():
+            if not self._spool.has_pending() or self._is_stopping():
+                self._replay_backoff = 0.0
+            elif sent > 0:
+                # Progress: go on with the next slice at once.
                 self._want_replay = True
                 self._wake.set()
+            else:
+                # The collector refused the replay: probe again later, backing off, not in a hot loop.
+                # A successful export re-arms the replay sooner.
+                self._replay_backoff = min(
+                    _REPLAY_BACKOFF_CAP, max(_REPLAY_BACKOFF_START, self._replay_backoff * 2)
+                )
+                self._replay_at = time.monotonic() + self._replay_backoff
         except Exception:  # noqa: BLE001 - a spool fault must not stop exporting
             self._count("spool_errors", 1)
         finally:
@@ -370,6 +393,8 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._count("exported", batch.count)
         if self._down or (self._spool is not None and self._spool_call("has_pending")):
             self._want_replay = True
+            self._replay_at = 0.0
+            self._replay_backoff = 0.0
         self._down = False
 
     def _defer(self, batch: _Batch, wait: float, later: float) -> bool:

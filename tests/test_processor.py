@@ -296,3 +296,33 @@ def test_pid_check_backs_up_the_fork_hook(procs: list[CtxpropSpanProcessor]) -> 
     _make(provider, 2, "child")
     assert proc.flush_until(time.monotonic() + 10)
     assert [s.name for s in exp.spans] == ["child0", "child1"]
+
+
+def test_refused_replay_backs_off_then_delivers_without_new_spans(
+    receiver: OTLPReceiver, procs: list[CtxpropSpanProcessor], tmp_path: Path
+) -> None:
+    """A spool replay refused with 503 is probed again with backoff (no hot loop) and, once the
+    collector is back, delivered even though the application ends no new span."""
+    from ctxprop._export import encode
+
+    mem = RecordingExporter()
+    src = CtxpropSpanProcessor(exporter=mem, schedule_delay=60)
+    procs.append(src)
+    _make(_provider(src), 30, "old")
+    assert src.flush_until(time.monotonic() + 20)
+    spool = Spool.open(tmp_path / "spool")
+    spool.append(encode(mem.spans), 30)
+    receiver.set_mode("503")
+    proc = CtxpropSpanProcessor(sender=OTLPSender(receiver.endpoint), spool=spool, schedule_delay=0.05)
+    procs.append(proc)
+    proc.request_replay()
+    window = threading.Event()
+    deadline = time.monotonic() + 20
+    while receiver.requests == 0 and time.monotonic() < deadline:
+        window.wait(0.01)
+    start = receiver.requests
+    window.wait(1.0)  # an observation window: load can only lower the count
+    assert receiver.requests - start < 10
+    receiver.set_mode("ok")
+    assert receiver.wait_for_spans(30, 30)
+    assert sorted(s.name for s in receiver.spans) == sorted(f"old{i}" for i in range(30))
