@@ -203,3 +203,40 @@ ready(close_s=time.monotonic() - t0, stats=ctxprop.stats())
     assert stats.get("spooled", 0) == N  # what close() could not send waits in the spool
     if mode in ("503", "die"):
         assert stats.get("retried", 0) > 0
+
+
+def test_sigterm_graceful_app_handler_keeps_running(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """An app handler that only sets a stop flag keeps control: the process finishes its work, exits 0,
+    and the spans made after the signal arrive too."""
+    body = """
+stop = []
+signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+make_spans("main")
+os.kill(os.getpid(), signal.SIGTERM)
+while not stop:
+    time.sleep(0.01)
+make_spans("after")
+ready(stop=stop)
+"""
+    res = run_child(_code(body), env=_env(receiver, tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.last("stop") == [signal.SIGTERM]
+    assert res.stderr == ""
+    _assert_all(receiver)
+    _assert_all(receiver, "after")
+
+
+def test_sigterm_ignored_by_the_app_stays_ignored(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """If the app ignores SIGTERM before init(), ctxprop does not overrule it: the process survives it."""
+    body = """
+os.kill(os.getpid(), signal.SIGTERM)
+make_spans("main")
+ready(alive=True)
+"""
+    res = run_child(
+        _code(body, before_init="signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"),
+        env=_env(receiver, tmp_path),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.last("alive") is True
+    _assert_all(receiver)
