@@ -7,6 +7,8 @@
   had no handler of its own, restores the default action and re-sends the signal, so the process still
   dies by SIGTERM (status -15 / 143). An application handler, installed before ``init()`` or after it
   (through ``signal.signal``), is chained: ctxprop flushes, then calls it, and the application decides.
+  (A handler installed after ``init()`` through a reference taken earlier, ``from signal import signal``,
+  bypasses the chain and replaces ctxprop's; atexit still delivers if that handler exits the process.)
 - ``os.fork()``: the processor re-initialises itself in the child (see ``_processor``).
 
 >>> install(lambda: None, handle_signals=False)
