@@ -15,6 +15,7 @@ from ctxprop._executors import ContextAwareThreadPoolExecutor, run_in_executor_w
 from ctxprop._instrument import instrument, uninstrument
 from ctxprop._pipeline import aclose, aflush, close, flush, init
 from ctxprop._process_pool import ContextAwareProcessPoolExecutor
+from ctxprop._processor import CtxpropSpanProcessor
 from ctxprop._proxy import run_proxied
 from ctxprop._scopes import (
     AttrValue,
@@ -49,6 +50,7 @@ __all__ = [
     "AttrValue",
     "ContextAwareProcessPoolExecutor",
     "ContextAwareThreadPoolExecutor",
+    "CtxpropSpanProcessor",
     "Scope",
     "ScopeTagSpanProcessor",
     "Snapshot",

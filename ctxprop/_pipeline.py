@@ -10,6 +10,7 @@ raise.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 import warnings
@@ -140,6 +141,7 @@ def init(
     _lifecycle.install(close, handle_signals=cfg.handle_signals, flush=flush)
     processor.request_replay()
     _adopt_environment()
+    _enable_sentry_adapter()
     return provider
 
 
@@ -160,11 +162,21 @@ def _adopt_environment() -> None:
     try:
         from ctxprop import _subprocess
 
-        adopt = getattr(_subprocess, "adopt_environment", None)
-        if adopt is not None:
-            adopt()
+        _subprocess.adopt_environment()
     except Exception:  # noqa: BLE001 - continuing a parent's trace is best effort, init() must succeed
         _stats.incr("adopt_environment_errors")
+
+
+def _enable_sentry_adapter() -> None:
+    # Sentry users get forked Sentry scopes with every capture; ctxprop never imports Sentry itself.
+    if "sentry_sdk" not in sys.modules:
+        return
+    try:
+        from ctxprop import _sentry
+
+        _sentry.auto_enable()
+    except Exception:  # noqa: BLE001 - the Sentry adapter must never break init()
+        _stats.incr("sentry_adapter_errors")
 
 
 def _set_global_provider(provider: TracerProvider) -> None:

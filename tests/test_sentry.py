@@ -283,3 +283,24 @@ def test_integration_and_auto_enable_in_a_fresh_process() -> None:
     assert out["after_integration"] is True
     assert out["auto_initialised"] is True
     assert out["tags"] == {"from pool": {"job": "nightly"}, "main": {"job": "nightly"}}
+
+
+def test_ctxprop_init_turns_the_adapter_on_when_sentry_is_initialised() -> None:
+    """ctxprop.init() after sentry_sdk.init() (no integration named) enables Sentry scope forking."""
+    result = run_child(
+        """
+        import json
+        import sentry_sdk
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import ctxprop
+        from ctxprop import _sentry
+
+        sentry_sdk.init(dsn="http://k@127.0.0.1:9/1", default_integrations=False)
+        before = _sentry.enabled()
+        ctxprop.init(exporter=InMemorySpanExporter(), handle_signals=False)
+        print(json.dumps({"before": before, "after": _sentry.enabled()}))
+        ctxprop.close()
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.json_lines[-1] == {"before": False, "after": True}
