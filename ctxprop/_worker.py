@@ -100,7 +100,7 @@ def _decorate(
     once = _WarnOnce(qualname)
 
     if inspect.iscoroutinefunction(fn):
-        afn = cast(Callable[..., Awaitable[Any]], fn)
+        afn = cast("Callable[..., Awaitable[Any]]", fn)
 
         @functools.wraps(fn)
         async def async_call(*args: Any, **kwargs: Any) -> Any:
@@ -109,7 +109,7 @@ def _decorate(
             with isolation_scope(), _tracer().start_as_current_span(span_name, attributes=attrs):
                 return await afn(*args, **kwargs)
 
-        return cast(Callable[P, R], async_call)
+        return cast("Callable[P, R]", async_call)  # a string: 3.9 cannot subscript Callable with a ParamSpec
 
     @functools.wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
