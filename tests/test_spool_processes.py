@@ -554,11 +554,6 @@ os._exit(0)
     assert all(names[f"early-{i}"] == 1 for i in range(100))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="pipeline: after a failed background replay, _processor._background_replay re-arms itself at "
-    "once while has_pending() stays True, so it retries the spool in a hot loop while the collector is down",
-)
 def test_spool_is_not_retried_in_a_hot_loop_while_the_collector_is_down(
     tmp_path: Path,
     receiver: OTLPReceiver,  # noqa: F811
