@@ -554,6 +554,7 @@ class Spool:
     ) -> None:
         """Write one record to ``name``, through a temp name renamed when complete.
 
+        ``sync`` makes the data and the new directory entry reach the disk before this returns.
         ``direct`` writes ``name`` itself: for a lease, which no replay reads while its owner lives, and
         where a write torn by a crash is only a skipped record; it saves a rename per durable batch.
         """
@@ -576,6 +577,10 @@ class Spool:
         os.close(fd)
         if not direct:
             os.rename(target, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        if sync:
+            # A new name is durable only once its directory is: without this, a power cut can keep the
+            # data and lose the entry that leads to it.
+            os.fsync(self._fd)
 
     def _memory_append(self, payload: bytes, span_count: int, created: int) -> None:
         with self._lock:

@@ -272,6 +272,47 @@ print(json.dumps({{"warnings": [str(w.message) for w in caught], "memory_only": 
         shutil.rmtree(base)
 
 
+def strace_between_markers(tmp_path: Path, body: str) -> list[str]:
+    """Run ``body`` in a child under strace; the system calls it made between the BEGIN and END marks."""
+    trace = tmp_path / "strace.txt"
+    script = tmp_path / "child.py"
+    script.write_text(f"import os\n{body}")
+    done = subprocess.run(
+        ["strace", "-qq", "-e", "trace=write,fsync,fdatasync,openat,rename,renameat,renameat2",
+         "-o", str(trace), sys.executable, str(script)],
+        capture_output=True, text=True, env=child_env(), timeout=60, check=False,
+    )
+    if done.returncode != 0 and "ptrace" in done.stderr.lower():
+        pytest.skip(f"strace cannot trace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    calls = trace.read_text().splitlines()
+    begin = next(i for i, c in enumerate(calls) if 'write(1, "BEGIN' in c)
+    end = next(i for i, c in enumerate(calls) if 'write(1, "END' in c)
+    return calls[begin + 1 : end]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the system calls")
+def test_durable_write_ahead_syncs_the_data_then_the_directory_entry(tmp_path: Path) -> None:
+    """With fsync on, write_ahead() syncs the batch's data and then the spool directory (whose new entry
+    would otherwise be lost by a power cut) before it returns; with fsync off it syncs neither."""
+    body = f"""
+from ctxprop._spool import Spool
+spool = Spool.open({str(tmp_path / "spool")!r}, fsync={{sync}})
+print("dirfd", spool._fd, flush=True)
+os.write(1, b"BEGIN\\n")
+spool.write_ahead(b"x" * 100, 1)
+os.write(1, b"END\\n")
+"""
+    calls = strace_between_markers(tmp_path, body.format(sync=True))
+    syncs = [c.split("(")[0] + "(" + c.split("(")[1].split(")")[0] + ")" for c in calls if "sync(" in c]
+    (opened,) = [c for c in calls if "openat(" in c and ".lease-" in c]
+    file_fd = opened.rsplit("=", 1)[1].strip()
+    dir_fd = opened.split("openat(")[1].split(",")[0]
+    assert syncs == [f"fdatasync({file_fd})", f"fsync({dir_fd})"], calls
+    calls = strace_between_markers(tmp_path, body.format(sync=False))
+    assert not [c for c in calls if "sync(" in c], calls
+
+
 # ---- end to end through init()/close() and the pipeline's processor -------------------------------------
 
 MAKE_SPANS = """
