@@ -749,7 +749,11 @@ class Spool:
     def _enforce_bounds(self) -> None:
         """Drop the oldest pending segments while over the size cap, and any older than the age cap."""
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
-        entries = sorted(self._entries(), key=lambda e: e[0] if not e[4] else "")
+        self._drop_over_caps(sorted(self._entries()))
+
+    def _drop_over_caps(self, entries: list[tuple[str, int, int, int, bool]]) -> None:
+        """Drop from ``entries`` (a listing, oldest first, perhaps already stale) what exceeds the caps."""
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
         total = sum(e[3] for e in entries)
         expiry = time.time_ns() - int(self.max_age * 1e9)
         dropped_spans = dropped_segments = 0
@@ -758,11 +762,13 @@ class Spool:
                 continue
             if total <= self.max_bytes and created >= expiry:
                 continue
+            # Its bytes leave the count either way: dropped here, or dropped or leased by another process
+            # since the listing. Counting them still would drop a newer segment in its place.
+            total -= nbytes
             try:
                 os.unlink(name, dir_fd=self._fd)
             except FileNotFoundError:
-                continue  # a replay leased it meanwhile: it is being sent, not dropped
-            total -= nbytes
+                continue
             dropped_spans += spans
             dropped_segments += 1
         if dropped_segments:

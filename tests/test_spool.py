@@ -231,6 +231,21 @@ def test_size_cap_drops_the_oldest_segments_and_counts_them(tmp_path: Path) -> N
     assert [p[0] for p in sent.payloads] == list(range(10 - kept, 10))
 
 
+def test_a_segment_gone_since_the_listing_does_not_cost_a_newer_one(tmp_path: Path) -> None:
+    """Caps are enforced on a listing that may be stale (concurrent processes): a segment another process
+    dropped or leased since then frees its bytes too, so no newer segment is dropped in its place."""
+    spool = Spool.open(tmp_path)
+    for i in range(4):
+        spool.append(bytes([i]) * 1000, 1)
+    listing = sorted(spool._entries())
+    oldest = listing[0][0]
+    os.rename(tmp_path / oldest, tmp_path / f"{oldest}.lease-{os.getpid()}-{_spool._BOOT}-0")
+    spool.max_bytes = sum(e[3] for e in listing) - 1  # over the cap by less than one segment
+    spool._drop_over_caps(listing)
+    assert len(segments(tmp_path)) == 3
+    assert _stats.snapshot().get("spool_dropped_segments", 0) == 0
+
+
 def test_age_cap_drops_expired_segments_when_opened(tmp_path: Path) -> None:
     """Segments older than the age cap are dropped (and counted) when the spool is opened."""
     write_raw_segment(tmp_path, [(b"old", 4)], created_ns=time.time_ns() - 3600 * 10**9)
