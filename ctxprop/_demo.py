@@ -132,25 +132,22 @@ def run(args: argparse.Namespace) -> int:
 
     by_run = {name: [s for s in received if s.attributes.get("demo.run") == name] for name in _RUNS}
     verdicts = {name: _Verdict(spans) for name, spans in by_run.items()}
-    _say(f"ctxprop demo: {rounds} rounds x {_WORKERS_PER_ROUND} run_in_executor calls on a 2-thread pool,")
-    _say(f"sent through ctxprop.init()/close() to a collector on {collector.base_url}")
+    n = rounds * _WORKERS_PER_ROUND
+    out = [
+        f"ctxprop demo: {rounds} rounds x {_WORKERS_PER_ROUND} run_in_executor calls on a 2-thread pool,",
+        f"sent through ctxprop.init()/close() to a collector on {collector.base_url}",
+    ]
     for name in _RUNS:
-        _say()
-        _say(f"== {name}: {_TITLES[name]}")
-        lines = _tree.render_forest(
+        out += ["", f"== {name}: {_TITLES[name]}"]
+        out += _tree.render_forest(
             by_run[name], attributes=["round", "worker"], note=verdicts[name].note, show_service=False
         )
-        for line in lines:
-            _say(line)
-    _say()
-    n = rounds * _WORKERS_PER_ROUND
     tag_lines = [
         f"{name + ':':8} {len(v.lost_tags)}/{n} worker spans missing their round's tag; "
         f"{len(v.leaked)}/{n} started with a tag another task set"
         for name, v in verdicts.items()
     ]
-    for line in tag_lines:
-        _say(line)
+    out += ["", *tag_lines]
     if args.html:
         from ctxprop._html import Section, render_waterfall
 
@@ -160,16 +157,21 @@ def run(args: argparse.Namespace) -> int:
             summary=[*tag_lines, _last_line(verdicts, n)],
             attributes=["round", "worker"],
         )
+        # Written before anything is printed: a reader that stops early (`| head`) must not cost the file.
         try:
             Path(args.html).write_text(page, encoding="utf-8")
         except OSError as exc:
             sys.stderr.write(f"ctxprop demo: cannot write {args.html}: {exc.strerror or exc}\n")
             return 2
-        _say(f"HTML waterfall written to {args.html}")
-    if len(received) < expected:
+        out.append(f"HTML waterfall written to {args.html}")
+    complete = len(received) >= expected
+    if complete:
+        out.append(_last_line(verdicts, n))
+    for line in out:
+        _say(line)
+    if not complete:
         sys.stderr.write(f"ctxprop demo: the collector received {len(received)} of {expected} spans\n")
         return 1
-    _say(_last_line(verdicts, n))
     return 0
 
 

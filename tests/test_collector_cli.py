@@ -255,3 +255,32 @@ def test_unwritable_jsonl_is_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr == f"ctxprop collector: cannot write {target}: No such file or directory\n"
     assert out.stdout == ""
+
+
+def test_a_reader_that_goes_away_ends_the_collector_quietly() -> None:
+    """`collector | head -1`: once the reader closed the pipe, the next trace ends the collector with
+    status 0 and nothing on stderr (no BrokenPipeError traceback)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctxprop", "collector", "--port", "0", "--settle", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=str(REPO),
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "listening on" in first, first
+        proc.stdout.close()  # what `head -1` does after its line; every later write hits a closed pipe
+        _export(first.split("listening on ")[1].split()[0], _make_spans())
+        rc = proc.wait(DEADLINE)
+        assert proc.stderr is not None
+        assert proc.stderr.read() == ""
+        assert rc == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE)
+        if proc.stderr is not None:
+            proc.stderr.close()

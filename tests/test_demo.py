@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,29 @@ def test_demo_html_to_an_unwritable_path_is_a_clear_error(tmp_path: Path) -> Non
     out = _run("-m", "ctxprop", "demo", "--rounds", "1", "--html", str(target))
     assert out.returncode == 2
     assert out.stderr == f"ctxprop demo: cannot write {target}: No such file or directory\n"
+
+
+def test_demo_into_a_closed_pipe_ends_quietly_and_still_writes_the_html(tmp_path: Path) -> None:
+    """`demo --html F | true`: stdout is a pipe nobody reads; exit 0, no traceback, and the page exists."""
+    page = tmp_path / "demo.html"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child starts: its very first write meets a broken pipe
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "ctxprop", "demo", "--rounds", "1", "--html", str(page)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+            cwd=str(REPO),
+            timeout=DEADLINE,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert out.stderr == ""
+    assert out.returncode == 0
+    assert "plain: 3/3 worker spans orphaned; ctxprop: 0/3" in page.read_text(encoding="utf-8")
 
 
 def _span(span_id: str, parent: str | None, rnd: int, job: int | None = None, **tags: object) -> object:
