@@ -46,7 +46,6 @@ _FILE_MAGIC = b"CTXSPL1\n"
 _REC_MAGIC = b"CTXR"
 _REC_HEAD = struct.Struct("<4sIIQI")
 _REC_FIELDS = struct.Struct("<IIQ")
-_MAX_RECORD = 1 << 30
 
 _SEGMENT_RE = re.compile(r"^seg-(\d{20})-(\d+)-([0-9a-f]{8})-(\d+)\.ctxs$")
 _LEASE_RE = re.compile(r"^(seg-(\d{20})-\d+-[0-9a-f]{8}-(\d+)\.ctxs)\.lease-(\d+)-([0-9a-f]{8})-(\d+)$")
@@ -125,6 +124,10 @@ def _encode_record(payload: bytes, span_count: int, created_ns: int) -> bytes:
     fields = _REC_FIELDS.pack(len(payload), span_count, created_ns)
     crc = zlib.crc32(payload, zlib.crc32(fields))
     return _REC_HEAD.pack(_REC_MAGIC, len(payload), span_count, created_ns, crc) + payload
+
+
+def _segment(payload: bytes, span_count: int, created_ns: int) -> bytes:
+    return _FILE_MAGIC + _encode_record(payload, span_count, created_ns)
 
 
 def _parse_records(data: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
@@ -331,7 +334,7 @@ class Spool:
             if self._writable:
                 try:
                     name = self._new_name(created, span_count)
-                    self._write_file(name, payload, span_count, created, sync=False)
+                    self._write_file(name, _segment(payload, span_count, created), sync=False)
                 except OSError as exc:
                     self._degrade(f"cannot write to {self.directory}: {exc}")
                 else:
@@ -356,7 +359,7 @@ class Spool:
             created = time.time_ns()
             pending = self._new_name(created, span_count)
             lease = f"{pending}.lease-{self._owner_token()}"
-            self._write_file(lease, payload, span_count, created, sync=self.fsync, direct=True)
+            self._write_file(lease, _segment(payload, span_count, created), sync=self.fsync, direct=True)
             return _Handle(pending, lease, span_count)
         except OSError as exc:
             self._degrade(f"cannot write to {self.directory}: {exc}")
@@ -542,24 +545,14 @@ class Spool:
     def _new_name(self, created: int, span_count: int) -> str:
         return f"seg-{created:020d}-{os.getpid()}-{secrets.token_hex(4)}-{span_count}.ctxs"
 
-    def _write_file(
-        self,
-        name: str,
-        payload: bytes,
-        span_count: int,
-        created: int,
-        *,
-        sync: bool,
-        direct: bool = False,
-    ) -> None:
-        """Write one record to ``name``, through a temp name renamed when complete.
+    def _write_file(self, name: str, data: bytes, *, sync: bool, direct: bool = False) -> None:
+        """Write the segment ``data`` to ``name``, through a temp name renamed when complete.
 
         ``sync`` makes the data and the new directory entry reach the disk before this returns.
         ``direct`` writes ``name`` itself: for a lease, which no replay reads while its owner lives, and
         where a write torn by a crash is only a skipped record; it saves a rename per durable batch.
         """
         assert self._fd is not None  # noqa: S101 - callers check _writable, which implies a descriptor
-        data = _FILE_MAGIC + _encode_record(payload, span_count, created)
         target = name if direct else f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
         try:
@@ -685,20 +678,12 @@ class Spool:
         if intact:
             os.rename(lease, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
             return
-        # Part of the segment was delivered: only the rest goes back, so nothing is sent twice.
-        created = rest[0][2]
-        spans = sum(r[1] for r in rest)
+        # Part of the segment was delivered: only the rest goes back, so nothing is sent twice. The rest
+        # replaces the lease in one rename first, so a crash at any point leaves one copy of it, never two.
         data = _FILE_MAGIC + b"".join(_encode_record(p, n, c) for p, n, c in rest)
-        tmp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.rename(tmp, self._new_name(created, spans), src_dir_fd=self._fd, dst_dir_fd=self._fd)
-        os.unlink(lease, dir_fd=self._fd)
+        self._write_file(lease, data, sync=self.fsync)
+        new_name = self._new_name(rest[0][2], sum(r[1] for r in rest))
+        os.rename(lease, new_name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
 
     def _pending(self) -> list[str]:
         assert self._fd is not None  # noqa: S101 - only called with a descriptor

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from support import OTLPReceiver, child_env, receiver, run_child  # noqa: F401
+from test_spool import Collect, write_raw_segment
 
 from ctxprop._spool import Spool
 
@@ -176,6 +177,43 @@ print(json.dumps({{"sent": spool.replay(make_sender({receiver.endpoint!r}), time
     assert len(counts) == 100
     assert max(counts.values()) == 1
     assert not any(n.startswith("seg-") for n in os.listdir(spool_dir))
+
+
+def test_replayer_killed_while_giving_back_the_rest_of_a_segment_sends_nothing_twice(tmp_path: Path) -> None:
+    """A send fails after two of four records, and the process dies (a fault injected in the child) just
+    as the rest becomes pending again: the next replay sends the other two, and each record went once."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    records = [(f"r{i}".encode(), 1) for i in range(4)]
+    write_raw_segment(spool_dir, records)
+    crashed = run_child(
+        f"""
+import json, os, time
+from ctxprop import _spool
+spool = _spool.Spool.open({str(spool_dir)!r})
+real_rename = os.rename
+def rename(src, dst, **kwargs):
+    if _spool._SEGMENT_RE.match(os.fspath(dst)):
+        os._exit(9)   # the crash: whatever the spool did to give the rest back before this point stays
+    real_rename(src, dst, **kwargs)
+os.rename = rename
+sent = []
+def send(payload, timeout):
+    if len(sent) == 2:
+        return False
+    sent.append(payload.decode())
+    print(json.dumps({{"sent": payload.decode()}}), flush=True)
+    return True
+spool.replay(send, time.monotonic() + 60)
+print("not reached", flush=True)
+"""
+    )
+    assert crashed.returncode == 9, crashed.stderr
+    first = [obj["sent"] for obj in crashed.json_lines]
+    assert first == ["r0", "r1"]
+    later = Collect()
+    Spool.open(spool_dir).replay(later, float("inf"))
+    assert sorted(first + [p.decode() for p in later.payloads]) == ["r0", "r1", "r2", "r3"]
 
 
 def test_corrupted_byte_on_disk_loses_only_that_record_in_the_next_process(
