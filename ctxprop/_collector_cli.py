@@ -10,6 +10,7 @@ On Ctrl-C (SIGINT) or SIGTERM, traces still waiting are printed, then the comman
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import signal
@@ -17,7 +18,10 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import IO, Any, Optional
+from typing import IO, TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from ctxprop._receiver import OTLPReceiver
 
 __all__ = ["add_arguments", "run"]
 
@@ -56,29 +60,50 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
+# Traces kept after printing, so that late spans reprint their whole trace: the most recent ones only,
+# so a collector left running all day does not grow without bound.
+_KEEP_PRINTED = 1000
+
+
 class _Traces:
     """Spans grouped by trace; hands out the traces that have been quiet long enough."""
 
-    def __init__(self, quiet: float, jsonl: Optional[IO[str]]) -> None:
+    def __init__(self, quiet: float, jsonl: Optional[IO[str]], keep_printed: int = _KEEP_PRINTED) -> None:
         self._quiet = quiet
         self._jsonl = jsonl
+        self._keep_printed = keep_printed
         self._cond = threading.Condition()
         self._spans: dict[str, list[Any]] = {}
         self._last: dict[str, float] = {}  # trace id -> monotonic time its latest span arrived
-        self._printed: dict[str, int] = {}  # trace id -> spans it had when last printed
+        self._printed: dict[str, int] = {}  # trace id -> spans it had when last printed, oldest first
 
     def add(self, spans: list[Any]) -> None:
-        """The receiver's callback, on its request threads."""
+        """The receiver's callback, on request threads: a failing ``--jsonl`` file never fails the request."""
         now = time.monotonic()
         with self._cond:
             for s in spans:
                 self._spans.setdefault(s.trace_id, []).append(s)
                 self._last[s.trace_id] = now
             if self._jsonl is not None:
-                for s in spans:
-                    self._jsonl.write(json.dumps(dataclasses.asdict(s), default=_json_default) + "\n")
-                self._jsonl.flush()
+                self._write_jsonl(self._jsonl, spans)
             self._cond.notify_all()
+
+    def _write_jsonl(self, jsonl: IO[str], spans: list[Any]) -> None:
+        try:
+            for s in spans:
+                jsonl.write(json.dumps(dataclasses.asdict(s), default=_json_default) + "\n")
+            jsonl.flush()
+        except (OSError, ValueError) as exc:
+            # A full disk must not turn every request into a traceback and an unanswered POST (which the
+            # sender would retry, and the trees would show twice): say it once, keep printing trees.
+            name = getattr(jsonl, "name", "the JSON-lines file")
+            sys.stderr.write(
+                f"ctxprop collector: writing {name} failed ({getattr(exc, 'strerror', None) or exc}); "
+                "no longer writing it\n"
+            )
+            with contextlib.suppress(OSError, ValueError):
+                jsonl.close()
+            self._jsonl = None
 
     def wait_ready(self, stop: threading.Event) -> list[tuple[str, list[Any], int]]:
         """Block until a trace is due or ``stop`` is set; return the due traces (all pending on stop)."""
@@ -94,14 +119,22 @@ class _Traces:
                     for t in sorted(due, key=lambda t: self._last[t]):
                         del self._last[t]
                         spans = list(self._spans[t])
-                        out.append((t, spans, self._printed.get(t, 0)))
-                        self._printed[t] = len(spans)
+                        out.append((t, spans, self._printed.pop(t, 0)))
+                        self._printed[t] = len(spans)  # re-inserted: the most recently printed is last
+                    self._forget_old()
                     return out
                 soonest = min(self._last.values(), default=None)
                 # Short waits when idle so a signal's flag is seen promptly even where a signal does not
                 # interrupt the wait.
                 timeout = 0.25 if soonest is None else max(0.0, min(0.25, soonest + self._quiet - now))
                 self._cond.wait(timeout)
+
+    def _forget_old(self) -> None:
+        excess = len(self._printed) - self._keep_printed
+        for t in list(self._printed)[: max(0, excess)]:
+            del self._printed[t]
+            if t not in self._last:  # not waiting to be printed again
+                del self._spans[t]
 
     def wake(self) -> None:
         with self._cond:
@@ -126,10 +159,21 @@ def _print_trace(trace_id: str, spans: list[Any], before: int, attributes: bool)
     _say()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the collector until SIGINT or SIGTERM; returns the exit status."""
+def _make_receiver(host: str, port: int, traces: _Traces) -> OTLPReceiver:
     from ctxprop._receiver import OTLPReceiver
 
+    def on_spans(spans: list[Any]) -> None:
+        traces.add(spans)
+        # The receiver also keeps every span it accepted (tests read them); here ``traces`` holds what is
+        # needed, so the receiver's own copy is dropped as each request is handled.
+        receiver.clear()
+
+    receiver = OTLPReceiver(host, port, on_spans=on_spans)
+    return receiver
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the collector until SIGINT or SIGTERM; returns the exit status."""
     try:
         jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -143,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         traces.wake()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    receiver = OTLPReceiver(args.host, args.port, on_spans=traces.add)
+    receiver = _make_receiver(args.host, args.port, traces)
     try:
         try:
             receiver.start()

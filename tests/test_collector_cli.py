@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
@@ -22,6 +23,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from support import REPO, child_env, run_child
+
+from ctxprop import _collector_cli
 
 DEADLINE = 60.0  # generous: the machine is shared by several test runs
 
@@ -284,3 +287,58 @@ def test_a_reader_that_goes_away_ends_the_collector_quietly() -> None:
             proc.wait(DEADLINE)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_jsonl_file_that_cannot_be_written_is_reported_once_and_trees_still_print(
+    start_collector: Callable[..., Collector],
+) -> None:
+    """--jsonl on a full disk (/dev/full): one line on stderr, every request still answered 200 (so the
+    sender does not resend and no span is shown twice), and the trees keep printing."""
+    col = start_collector("--settle", "0.1", "--jsonl", "/dev/full")
+    charge, checkout, reserve = _make_spans()
+    _export(col.endpoint, [checkout, reserve])  # asserts the export succeeded on its first attempt
+    first = col.wait_for(lambda ln: ln.startswith("trace "))
+    assert "2 spans" in first
+    assert "update" not in first
+    _export(col.endpoint, [charge])
+    second = col.wait_for(lambda ln: ln.startswith("trace "))
+    assert "3 spans" in second
+    assert "(update: +1 spans)" in second
+    assert col.stop() == 0
+    assert col.stderr() == (
+        "ctxprop collector: writing /dev/full failed (No space left on device); no longer writing it\n"
+    )
+
+
+def _spans_of(trace_id: str, n: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(trace_id=trace_id, span_id=f"{trace_id}-{i}") for i in range(n)]
+
+
+def test_printed_traces_are_forgotten_beyond_the_retention_bound() -> None:
+    """Only the most recently printed traces are kept for updates: an older one's late span starts a new
+    tree instead of an update, and its spans are no longer held in memory."""
+    traces = _collector_cli._Traces(0.0, None, keep_printed=2)
+    stop = threading.Event()
+    for t in ("t1", "t2", "t3"):
+        traces.add(_spans_of(t, 2))
+        assert [(tid, before) for tid, _, before in traces.wait_ready(stop)] == [(t, 0)]
+    assert sorted(traces._spans) == ["t2", "t3"]
+    traces.add(_spans_of("t1", 1))  # late span of a forgotten trace
+    traces.add(_spans_of("t3", 1))  # late span of a kept one
+    ready = {tid: (len(spans), before) for tid, spans, before in traces.wait_ready(stop)}
+    assert ready == {"t1": (1, 0), "t3": (3, 2)}
+
+
+def test_the_receiver_keeps_no_copy_of_what_the_collector_holds() -> None:
+    """The collector's receiver hands each request's spans to the trace table and keeps none itself, so
+    memory is bounded by the retention of printed traces alone."""
+    traces = _collector_cli._Traces(600.0, None)
+    receiver = _collector_cli._make_receiver("127.0.0.1", 0, traces)
+    with receiver:
+        _export(receiver.endpoint, _make_spans())
+        assert receiver.spans == []
+    stop = threading.Event()
+    stop.set()
+    [(_, spans, _)] = traces.wait_ready(stop)
+    assert sorted(s.name for s in spans) == ["charge", "checkout", "reserve"]
