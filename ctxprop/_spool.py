@@ -57,6 +57,8 @@ _EVENTS_MAX = 1 << 20
 
 # getattr: these flags are POSIX-only; elsewhere the spool opens memory-only instead of failing to import.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# Opening a FIFO planted under a spool name would otherwise wait forever for its other end.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW
 
 
@@ -613,7 +615,7 @@ class Spool:
     def _read_segment(self, name: str) -> Optional[bytes]:
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
         try:
-            fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=self._fd)
+            fd = os.open(name, os.O_RDONLY | _NONBLOCK | _NOFOLLOW, dir_fd=self._fd)
         except OSError:
             return None
         try:
@@ -765,9 +767,11 @@ class Spool:
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
-            fd = os.open(_EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=self._fd)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NONBLOCK | _NOFOLLOW
+            fd = os.open(_EVENTS, flags, 0o600, dir_fd=self._fd)
             try:
-                if os.fstat(fd).st_size < _EVENTS_MAX:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size < _EVENTS_MAX:
                     # One short O_APPEND write: lines from concurrent processes never interleave.
                     os.write(fd, f"{kind} {n}\n".encode("ascii"))
             finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -339,6 +341,35 @@ def test_planted_symlink_segment_is_never_followed(tmp_path: Path) -> None:
     assert spool.replay(sent, FAR) == 0
     assert sent.payloads == []
     assert secret.exists()
+
+
+def test_a_fifo_in_the_spool_never_blocks_replay_status_or_the_drop_log(tmp_path: Path) -> None:
+    """A FIFO under a segment's or the event log's name (no writer, no reader) is skipped: replay, status
+    and noting a drop return at once instead of waiting forever in open()."""
+    spool = Spool.open(tmp_path)
+    os.mkfifo(tmp_path / f"seg-{time.time_ns():020d}-1-deadbeef-1.ctxs", 0o600)
+    os.mkfifo(tmp_path / "events", 0o600)
+    spool.append(b"real", 1)
+    done: Future[tuple[int, int, int]] = Future()
+
+    def work() -> None:
+        try:
+            sent = spool.replay(Collect(), FAR)
+            corrupt = spool.status().corrupt
+            spool.max_bytes = 0
+            spool.append(b"dropped at once", 1)  # the drop is noted in the (FIFO) event log
+            done.set_result((sent, corrupt, _stats.snapshot()["spool_dropped_spans"]))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            done.set_exception(exc)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        assert done.result(timeout=30) == (1, 0, 1)
+    finally:
+        if not done.done():  # unblock the stuck thread: a writer, then a reader, for each FIFO
+            for fifo in (*tmp_path.glob("seg-*"), tmp_path / "events"):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
 
 
 def test_write_ahead_is_invisible_to_replay_until_released(tmp_path: Path) -> None:
