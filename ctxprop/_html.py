@@ -88,6 +88,8 @@ def _section_html(section: Section, attributes: Sequence[str]) -> list[str]:
         note = section.note(s) if section.note is not None else None
         if note is None and node.missing_parent:
             note = f"parent {node.missing_parent} not received"
+        elif note is None and node.in_cycle:
+            note = f"parent {s.parent_span_id} is its own descendant"
         classes = ["row"]
         if node.depth == 0:
             classes.append("root")

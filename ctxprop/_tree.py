@@ -60,11 +60,13 @@ class Node:
     span: SpanLike
     children: list[Node] = field(default_factory=list)
     depth: int = 0
+    #: Its parent is among the spans, but the parent links loop back to it (bad data): drawn as a root.
+    in_cycle: bool = False
 
     @property
     def missing_parent(self) -> Optional[str]:
         """The parent span id this root names but that is not among the spans, if any."""
-        return self.span.parent_span_id if self.depth == 0 else None
+        return self.span.parent_span_id if self.depth == 0 and not self.in_cycle else None
 
     def walk(self) -> Iterable[Node]:
         """This node, then its descendants, depth first in start order."""
@@ -85,22 +87,48 @@ def group_by_trace(spans: Iterable[SpanLike]) -> dict[str, list[SpanLike]]:
 
 def build_forest(spans: Iterable[SpanLike]) -> list[Node]:
     """The roots of the trees the spans form, each tree and the roots ordered by start time."""
-    items = sorted(spans, key=lambda s: (s.start_ns, s.end_ns, s.span_id))
-    nodes = {(s.trace_id, s.span_id): Node(s) for s in items}
+    nodes: dict[tuple[str, str], Node] = {}
+    for s in spans:
+        # A span received twice (a sender's retry) is drawn once: one node per id also keeps every tree
+        # below free of a node hanging in two places.
+        nodes.setdefault((s.trace_id, s.span_id), Node(s))
+    items = sorted((n.span for n in nodes.values()), key=lambda s: (s.start_ns, s.end_ns, s.span_id))
     roots: list[Node] = []
     for s in items:
         node = nodes[(s.trace_id, s.span_id)]
         parent = nodes.get((s.trace_id, s.parent_span_id)) if s.parent_span_id else None
         if parent is None or parent is node:
+            node.in_cycle = parent is node
             roots.append(node)
         else:
             parent.children.append(node)
+    _set_depths(roots)
+    # Spans whose parent links form a loop (a -> b -> a) hang under each other and under no root: cut each
+    # loop at its earliest span, so a viewer still shows every span it was given.
+    reached = {id(n) for r in roots for n in r.walk()}
+    cut = []
+    for s in items:
+        node = nodes[(s.trace_id, s.span_id)]
+        if id(node) in reached:
+            continue
+        # Unreached means its parent is among the spans: a span with no parent there is a root.
+        parent = nodes[(s.trace_id, s.parent_span_id or "")]
+        parent.children.remove(node)
+        node.in_cycle = True
+        cut.append(node)
+        reached.update(id(n) for n in node.walk())
+    if cut:
+        _set_depths(cut)
+        roots = sorted([*roots, *cut], key=lambda n: (n.span.start_ns, n.span.end_ns, n.span.span_id))
+    return roots
+
+
+def _set_depths(roots: list[Node]) -> None:
     stack = [(r, 0) for r in roots]
     while stack:  # iterative: a long chain of spans must not hit the recursion limit
         node, depth = stack.pop()
         node.depth = depth
         stack.extend((c, depth + 1) for c in node.children)
-    return roots
 
 
 def format_duration(ns: int) -> str:
@@ -202,6 +230,8 @@ def render_forest(
             parts.append(extra)
         if node.missing_parent:
             parts.append(f"(parent {node.missing_parent} not received)")
+        elif node.in_cycle:
+            parts.append(f"(parent {s.parent_span_id} is its own descendant)")
         text = note(s) if note is not None else None
         if text:
             parts.append(text)

@@ -60,6 +60,15 @@ def test_rows_follow_the_tree_and_bars_the_time_axis() -> None:
     assert "parent zz not received" in page
 
 
+def test_spans_in_a_parent_loop_get_rows() -> None:
+    """Spans whose parent links loop still get a row each, the cut one flagged with the reason."""
+    spans = [_s("a", "b", "loop a", 0, 10), _s("b", "a", "loop b", 2, 5)]
+    page = render_waterfall([Section("s", "S", spans)])
+    rows = re.findall(r'<div class="(row[^"]*)" data-span-id="(\w+)" data-depth="(\d)"', page)
+    assert rows == [("row root flagged", "a", "0"), ("row", "b", "1")]
+    assert "parent b is its own descendant" in page
+
+
 def _dump_dom(page: Path, tmp_path: Path) -> str:
     assert CHROMIUM is not None
     out = subprocess.run(

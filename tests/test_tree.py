@@ -102,3 +102,22 @@ def test_service_shown_on_roots_and_where_it_changes() -> None:
     ]
     labels = [ln[:24].rstrip() for ln in _tree.render_forest(spans, name_width=24)]
     assert labels == ["GET /cart [web]", "├─ render", "└─ reserve [stock]", "   └─ SELECT"]
+
+
+def test_spans_whose_parents_form_a_loop_are_still_drawn() -> None:
+    """Bad data where parent links loop (a -> b -> a) loses no span and cannot hang the renderer: the loop
+    is cut at its earliest span, drawn as a root that says why, its descendants under it; a span received
+    twice is drawn once."""
+    spans = [
+        S("r", None, "root", 0, MS),
+        S("a", "b", "loop a", 1 * MS, 5 * MS),
+        S("b", "a", "loop b", 2 * MS, 4 * MS),
+        S("c", "b", "under b", 3 * MS, 4 * MS),
+        S("s", "s", "self", 6 * MS, 7 * MS),
+        S("a", "b", "loop a", 1 * MS, 5 * MS),  # received twice, as after a sender's retry
+    ]
+    lines = _tree.render_forest(spans, show_service=False, name_width=16)
+    assert [ln[:16].rstrip() for ln in lines] == ["root", "loop a", "└─ loop b", "   └─ under b", "self"]
+    assert lines[1].endswith("(parent b is its own descendant)")
+    assert lines[4].endswith("(parent s is its own descendant)")
+    assert "not received" not in "\n".join(lines)
