@@ -1,7 +1,7 @@
 """The ctxprop pytest plugin: a ``ctxprop_spans`` fixture to check your code's spans in your own tests.
 
-Installed with ctxprop (entry point ``pytest11``), so it is loaded in every pytest run: this module imports
-nothing beyond ``pytest`` until a test asks for the fixture.
+Installed with ctxprop (entry point ``pytest11``), so it is loaded in every pytest run; it sets nothing up
+until a test asks for the fixture (disable it with ``-p no:ctxprop``).
 
 .. code-block:: python
 
@@ -68,8 +68,7 @@ class _Rendered:
 class SpanCapture:
     """The spans the code under test ended, with assertions about how they hang together.
 
-    Got from the ``ctxprop_spans`` fixture, which calls ``ctxprop.init()`` with an in-memory exporter
-    for the test and tears the pipeline down after it.
+    Got from the ``ctxprop_spans`` fixture. Spans are captured as they end, in whatever thread.
 
     .. versionadded:: 0.1.0
     """
@@ -79,10 +78,7 @@ class SpanCapture:
 
     @property
     def spans(self) -> list[ReadableSpan]:
-        """Every span ended so far (flushed first), in the order they ended."""
-        import ctxprop
-
-        ctxprop.flush()
+        """Every span ended so far in this test, in the order they ended."""
         return list(self._exporter.get_finished_spans())
 
     def by_name(self, name: str) -> list[ReadableSpan]:
@@ -110,9 +106,6 @@ class SpanCapture:
 
     def clear(self) -> None:
         """Forget the spans captured so far."""
-        import ctxprop
-
-        ctxprop.flush()
         self._exporter.clear()
 
     def _names(self, spans: Optional[Sequence[ReadableSpan]] = None) -> str:
@@ -198,25 +191,70 @@ def _comparable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+class _Forward:
+    """Hands each ended span to the capture of the test running now, if any.
+
+    Added once to the global provider (as a span processor) and left there: tracers bind to a provider
+    for good (a module-level ``tracer = trace.get_tracer(...)`` keeps the first one it resolved), so each
+    test must see the spans of that same provider, not of a new pipeline of its own.
+    """
+
+    target: Optional[InMemorySpanExporter] = None
+
+    @classmethod
+    def processor(cls) -> Any:
+        # Built on first use: loading the plugin, as every pytest run does, imports no SDK class.
+        from opentelemetry.sdk.trace import SpanProcessor
+
+        class ForwardingProcessor(SpanProcessor):
+            def on_end(self, span: ReadableSpan) -> None:
+                target = cls.target
+                if target is not None:
+                    target.export((span,))
+
+        return ForwardingProcessor()
+
+
+def _attach() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    import ctxprop
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+
+        class Discard(SpanExporter):
+            # The spans the fixture needs come through the forwarding processor.
+            def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        # No SDK provider yet (the usual case in a test run): ctxprop's pipeline, exporting nowhere. No
+        # signal handlers: the test process's own SIGTERM/SIGINT behaviour is pytest's business.
+        provider = ctxprop.init(exporter=Discard(), service_name="pytest", handle_signals=False)
+    if not getattr(provider, "_ctxprop_pytest_forward", False):
+        provider.add_span_processor(_Forward.processor())
+        provider._ctxprop_pytest_forward = True  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def ctxprop_spans() -> Iterator[SpanCapture]:
-    """Capture the spans of this test in memory (``ctxprop.init(exporter=InMemorySpanExporter())``).
+    """Capture the spans this test's code ends, in memory, and check how they hang together.
 
-    The pipeline is set up before the test and torn down after it, so spans from one test never show
-    up in another.
+    Uses the global TracerProvider: the application's own (``ctxprop.init()`` called by the code or a
+    conftest; it is left as it is) or, when there is none, a ctxprop pipeline set up on first use and
+    kept for the session, so tracers made at import time keep working from test to test. Spans ended
+    outside the test are not captured, and no span of one test is seen by another.
 
     .. versionadded:: 0.1.0
     """
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    import ctxprop
-    from ctxprop import _pipeline
-
-    _pipeline._reset_for_tests()
+    _attach()
     exporter = InMemorySpanExporter()
-    # No signal handlers: the test process's own SIGTERM/SIGINT behaviour is pytest's business.
-    ctxprop.init(exporter=exporter, service_name="pytest", handle_signals=False)
+    _Forward.target = exporter
     try:
         yield SpanCapture(exporter)
     finally:
-        _pipeline._reset_for_tests()
+        _Forward.target = None

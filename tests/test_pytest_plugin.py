@@ -161,6 +161,70 @@ def test_spans_never_cross_tests(app: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
+def test_a_tracer_made_at_import_time_is_captured_in_every_test(app: pytest.Pytester) -> None:
+    """A module-level tracer (bound to the first provider it resolves, for good) is captured in every
+    test, not only the first: the fixture keeps one pipeline for the session and swaps the capture."""
+    app.makepyfile(
+        test_module_tracer="""
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("app")
+
+        def test_first(ctxprop_spans):
+            with tracer.start_as_current_span("first"):
+                pass
+            assert [s.name for s in ctxprop_spans.spans] == ["first"]
+
+        def test_without_the_fixture():
+            with tracer.start_as_current_span("unwatched"):
+                pass
+
+        def test_second(ctxprop_spans):
+            with tracer.start_as_current_span("second"):
+                pass
+            assert [s.name for s in ctxprop_spans.spans] == ["second"]
+        """
+    )
+    result = app.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_applications_own_pipeline_is_kept(app: pytest.Pytester) -> None:
+    """A pipeline the application set up (here in conftest) is neither replaced nor torn down by the
+    fixture: its exporter still gets every span, and the fixture sees the test's spans too."""
+    app.makeconftest(
+        """
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import ctxprop
+
+        APP_EXPORTER = InMemorySpanExporter()
+        PROVIDER = ctxprop.init(exporter=APP_EXPORTER, service_name="app", handle_signals=False)
+        """
+    )
+    app.makepyfile(
+        test_own="""
+        import ctxprop
+        from ctxprop import _pipeline
+        from opentelemetry import trace
+        from conftest import APP_EXPORTER, PROVIDER
+
+        def test_captured(ctxprop_spans):
+            with trace.get_tracer("t").start_as_current_span("in test"):
+                pass
+            assert [s.name for s in ctxprop_spans.spans] == ["in test"]
+
+        def test_app_pipeline_still_there():
+            assert _pipeline.current_provider() is PROVIDER
+            with trace.get_tracer("t").start_as_current_span("after"):
+                pass
+            ctxprop.flush()
+            assert [s.name for s in APP_EXPORTER.get_finished_spans()] == ["in test", "after"]
+        """
+    )
+    result = app.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+
+
 def test_importing_the_plugin_has_no_side_effects() -> None:
     """Loading the plugin (as every pytest run does) sets no tracer provider and starts no thread."""
     code = (
