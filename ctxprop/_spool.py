@@ -97,6 +97,10 @@ def default_spool_dir(service_name: Optional[str]) -> Path:
 class SpoolStatus:
     """What a spool holds: ``Spool.status()`` and ``python -m ctxprop spool status``.
 
+    ``segments``, ``spans`` and ``bytes`` wait to be sent; ``leased`` segments are being sent by running
+    processes. ``dropped`` spans (size or age cap), ``corrupt`` records and ``rejected`` spans (refused for
+    good by the collector) are totals over every process that used the spool since the last purge.
+
     .. versionadded:: 0.1.0
     """
 
@@ -109,6 +113,7 @@ class SpoolStatus:
     corrupt: int
     leased: int
     memory_only: bool
+    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,8 @@ class Spool:
         self._fd = dir_fd
         self._writable = dir_fd is not None
         self._warned = False
+        #: Why the spool is memory-only (None while it uses its directory).
+        self.problem: Optional[str] = None
         self._lock = threading.Lock()
         self._memory: deque[tuple[bytes, int, int]] = deque()
         self._memory_bytes = 0
@@ -450,7 +457,7 @@ class Spool:
         """Segments, spans, bytes and age of what waits, plus the drops and corrupt records on record."""
         segments = spans = size = leased = 0
         oldest: Optional[int] = None
-        dropped = corrupt = 0
+        dropped = corrupt = rejected = 0
         with self._lock:
             for _payload, n, created in self._memory:
                 segments += 1
@@ -466,7 +473,7 @@ class Spool:
                 spans += n
                 size += nbytes
                 oldest = created if oldest is None else min(oldest, created)
-            dropped, corrupt = self._read_events()
+            dropped, corrupt, rejected = self._read_events()
         age = None if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
         return SpoolStatus(
             directory=str(self.directory),
@@ -478,6 +485,7 @@ class Spool:
             corrupt=corrupt,
             leased=leased,
             memory_only=not self._writable,
+            rejected=rejected,
         )
 
     def purge(self) -> int:
@@ -520,6 +528,7 @@ class Spool:
 
     def _degrade(self, reason: str) -> None:
         self._writable = False
+        self.problem = reason
         with self._lock:
             if self._warned:
                 return
@@ -777,17 +786,15 @@ class Spool:
             finally:
                 os.close(fd)
 
-    def _read_events(self) -> tuple[int, int]:
-        dropped = corrupt = 0
+    def _read_events(self) -> tuple[int, int, int]:
+        """(dropped spans, corrupt records, rejected spans) noted by every process that used the spool."""
+        totals = dict.fromkeys(("dropped", "corrupt", "rejected"), 0)
         data = self._read_segment(_EVENTS) if self._fd is not None else None
         for line in (data or b"").decode("ascii", "replace").splitlines():
             kind, _, count = line.partition(" ")
-            if count.isdigit():
-                if kind == "dropped":
-                    dropped += int(count)
-                elif kind == "corrupt":
-                    corrupt += int(count)
-        return dropped, corrupt
+            if kind in totals and count.isdigit():
+                totals[kind] += int(count)
+        return totals["dropped"], totals["corrupt"], totals["rejected"]
 
 
 _DELIVERED, _REJECTED, _FAILED = "delivered", "rejected", "failed"

@@ -2,26 +2,40 @@
 
 ``--dir`` names the spool directory; without it the one ``init()`` would use for ``--service`` (default
 ``OTEL_SERVICE_NAME``) is taken. ``replay`` sends to ``--endpoint``, else to the endpoint ``init()`` would
-resolve from the environment.
+resolve from the environment, with the same ``OTEL_EXPORTER_OTLP_*`` headers and compression.
+Exit status: 0 done, 1 something could not be sent (or was refused by the collector), 2 unusable spool
+directory or configuration.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Optional, TextIO
 
+from ctxprop import _stats
+from ctxprop._config import build_config
+from ctxprop._export import OTLPSender
 from ctxprop._spool import Spool, SpoolStatus, default_spool_dir
 
-__all__ = ["add_arguments", "make_sender", "resolve_endpoint", "run"]
+__all__ = ["add_arguments", "make_sender", "run"]
 
-_DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 _PROGRESS_MIN_SEGMENTS = 20
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,64 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     replay = sub.add_parser("replay", help="send what the spool holds now")
     replay.add_argument("--endpoint", help="OTLP/HTTP traces URL (default: as init() resolves it)")
-    replay.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    replay.add_argument(
+        "--timeout", type=_positive_seconds, default=60.0, help="give up after this many seconds"
+    )
     sub.add_parser("purge", help="delete everything the spool holds")
 
 
-def resolve_endpoint(explicit: Optional[str] = None) -> str:
-    """The traces URL ``init()`` would use: explicit, else the OTLP environment, else the default.
-
-    Raises ValueError for a malformed URL, as ``init()`` does.
-    """
-    try:
-        config = importlib.import_module("ctxprop._config")
-    except ImportError:
-        config = None
-    resolve = getattr(config, "resolve_endpoint", None)
-    if callable(resolve):
-        return str(resolve(explicit))
-    if explicit:
-        return explicit
-    traces = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-    if traces:
-        return traces
-    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if base:
-        return base.rstrip("/") + "/v1/traces"
-    return _DEFAULT_ENDPOINT
-
-
-def make_sender(endpoint: str) -> Callable[[bytes, float], object]:
-    """``send(payload, timeout)`` posting spooled OTLP bytes as the pipeline does.
-
-    The pipeline's own sender (official exporter transport, keep-alive) when present, else a plain
-    ``requests`` session (the exporter's HTTP library). Headers come from
-    ``OTEL_EXPORTER_OTLP_TRACES_HEADERS`` / ``OTEL_EXPORTER_OTLP_HEADERS``.
-    """
-    from opentelemetry.util.re import parse_env_headers
-
-    env = os.environ
-    raw = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS", "")
-    headers = dict(parse_env_headers(raw, liberal=True))
-    try:
-        from ctxprop._export import OTLPSender
-    except ImportError:
-        pass
-    else:
-        return OTLPSender(endpoint, headers=headers)
-    import requests
-
-    headers["Content-Type"] = "application/x-protobuf"
-    session = requests.Session()
-
-    def send(payload: bytes, timeout: float) -> bool:
-        try:
-            answer = session.post(endpoint, data=payload, headers=headers, timeout=max(0.05, timeout))
-        except requests.RequestException:
-            return False
-        return 200 <= answer.status_code < 300
-
-    return send
+def make_sender(endpoint: Optional[str] = None) -> OTLPSender:
+    """The sender ``init()`` would build: ``endpoint`` (else resolved from the environment), with the
+    ``OTEL_EXPORTER_OTLP_*`` headers and compression. Raises ValueError for a bad setting, as ``init()``."""
+    cfg = build_config(endpoint=endpoint)
+    return OTLPSender(cfg.endpoint, headers=cfg.headers, compression=cfg.compression)
 
 
 def _say(text: str, stream: Optional[TextIO] = None) -> None:
@@ -117,6 +84,7 @@ def _print_status(st: SpoolStatus, as_json: bool, out: TextIO) -> None:
     _say(f"oldest:    {age}", out)
     _say(f"dropped:   {st.dropped} spans (size or age cap)", out)
     _say(f"corrupt:   {st.corrupt} records skipped", out)
+    _say(f"rejected:  {st.rejected} spans refused for good by the collector", out)
     _say(f"in flight: {st.leased} segments being sent by running processes", out)
 
 
@@ -144,23 +112,28 @@ class _Progress:
 
 
 def _replay(spool: Spool, args: argparse.Namespace) -> int:
-    before = spool.status()
     try:
-        endpoint = resolve_endpoint(args.endpoint)
+        send = make_sender(args.endpoint)
     except ValueError as exc:
         _say(f"cannot replay: {exc}", sys.stderr)
         return 2
-    send = make_sender(endpoint)
+    before = spool.status()
+    rejected_before = _stats.snapshot().get("spool_rejected_spans", 0)
     progress = _Progress(before.spans, before.segments, sys.stderr)
     sent = spool.replay(send, time.monotonic() + args.timeout, progress=progress.advance)
     progress.finish()
+    rejected = _stats.snapshot().get("spool_rejected_spans", 0) - rejected_before
     after = spool.status()
-    _say(f"sent {sent} spans to {endpoint}; {after.spans} spans in {after.segments} segments remain")
-    return 0 if after.segments == 0 else 1
+    refused = f"; {rejected} spans refused for good by the collector (dropped)" if rejected else ""
+    _say(
+        f"sent {sent} spans to {send.endpoint}{refused}; "
+        f"{after.spans} spans in {after.segments} segments remain"
+    )
+    return 0 if after.segments == 0 and not rejected else 1
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one ``spool`` action; 0 on success, 1 if something could not be sent, 2 if the dir is unusable."""
+    """Run one ``spool`` action; 0 on success, 1 if something could not be sent, 2 if unusable."""
     directory = _directory(args)
     if not os.path.lexists(directory):
         # Nothing was ever spooled there: say so without creating the directory.
@@ -170,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             _say(f"nothing to {args.spool_command}: {directory} does not exist")
         return 0
-    with Spool.open(directory) as spool:
-        if spool.status().memory_only:
-            _say(f"cannot use the spool at {directory} (see the warning above)", sys.stderr)
+    with warnings.catch_warnings():
+        # The library's warning speaks of spans kept in memory; here the reason alone is the message.
+        warnings.filterwarnings("ignore", "ctxprop: the offline spool is unusable", RuntimeWarning)
+        spool = Spool.open(directory)
+    with spool:
+        if spool.problem is not None:
+            _say(f"cannot use the spool at {directory}: {spool.problem}", sys.stderr)
             return 2
         if args.spool_command == "status":
             _print_status(spool.status(), args.json, sys.stdout)

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pty
 import socket
 import subprocess
 import sys
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
+import pytest
 from support import OTLPReceiver, child_env, receiver  # noqa: F401
 from test_spool import otlp_batches
 
 from ctxprop._spool import Spool
 
 
-def spool_cmd(*args: str, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+def spool_cmd(
+    *args: str, env: Optional[dict[str, str]] = None, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ctxprop", "spool", *args],
+        [sys.executable, *flags, "-m", "ctxprop", "spool", *args],
         capture_output=True,
         text=True,
         env=child_env(env),
@@ -170,3 +177,104 @@ def test_progress_bar_only_on_a_terminal_for_a_large_spool(
     piped = spool_cmd("--dir", str(big), "replay", "--endpoint", receiver.endpoint)
     assert piped.returncode == 0
     assert piped.stderr == ""
+
+
+def test_unusable_directory_reason_is_said_once_even_with_warnings_as_errors(tmp_path: Path) -> None:
+    """The reason a spool dir is refused is the command's own message: said once, and still said when
+    Python runs with -W error (which turns the library's warning into a swallowed exception)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for flags in ((), ("-W", "error")):
+        out = spool_cmd("--dir", str(tmp_path / "link"), "replay", flags=flags)
+        assert out.returncode == 2
+        assert out.stderr.count("symbolic link") == 1, out.stderr
+        assert out.stderr.startswith(f"cannot use the spool at {tmp_path / 'link'}: "), out.stderr
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Answers every POST with the server's ``answer`` status and records (headers, body)."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        server: RecordingServer = self.server  # type: ignore[assignment]
+        server.seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(server.answer)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class RecordingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, answer: int) -> None:
+        super().__init__(("127.0.0.1", 0), Recorder)
+        self.answer = answer
+        self.seen: list[tuple[dict[str, str], bytes]] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
+
+
+@pytest.fixture
+def recorder_factory() -> Iterator[type[RecordingServer]]:
+    servers: list[RecordingServer] = []
+
+    class Started(RecordingServer):
+        def __init__(self, answer: int) -> None:
+            super().__init__(answer)
+            servers.append(self)
+            threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    yield Started
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_replay_uses_the_otlp_headers_and_compression_of_the_environment(
+    tmp_path: Path, recorder_factory: type[RecordingServer]
+) -> None:
+    """replay sends as init() would: OTEL_EXPORTER_OTLP_HEADERS and _COMPRESSION apply to each request."""
+    fill(tmp_path, 2, 3)
+    spooled = sorted(otlp_batches(2, 3))
+    server = recorder_factory(200)
+    env = {"OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=blue", "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"}
+    out = spool_cmd("--dir", str(tmp_path), "replay", "--endpoint", server.endpoint, env=env)
+    assert out.returncode == 0, out.stderr
+    assert len(server.seen) == 2
+    for headers, _body in server.seen:
+        assert headers["x-tenant"] == "blue"
+        assert headers["content-encoding"] == "gzip"
+    assert len(spooled) == len({gzip.decompress(body) for _h, body in server.seen})
+
+
+def test_replay_with_bad_otlp_settings_exits_2_and_keeps_the_spool(tmp_path: Path) -> None:
+    """A malformed OTEL_EXPORTER_OTLP_HEADERS stops replay with status 2 and a message, as init() would."""
+    fill(tmp_path, 1, 2)
+    out = spool_cmd("--dir", str(tmp_path), "replay", env={"OTEL_EXPORTER_OTLP_HEADERS": "no pairs here"})
+    assert out.returncode == 2
+    assert "cannot replay: OTEL_EXPORTER_OTLP_HEADERS" in out.stderr, out.stderr
+    assert Spool.open(tmp_path).status().spans == 2
+    bad_timeout = spool_cmd("--dir", str(tmp_path), "replay", "--timeout", "0")
+    assert bad_timeout.returncode == 2
+    assert "positive number of seconds" in bad_timeout.stderr
+
+
+def test_replay_refused_for_good_says_so_and_exits_1(
+    tmp_path: Path, recorder_factory: type[RecordingServer]
+) -> None:
+    """A collector answering 400 refuses the spans for good: they are dropped (not kept to block the
+    spool), the command says how many, exits 1, and status reports them as rejected."""
+    fill(tmp_path, 3, 4)
+    server = recorder_factory(400)
+    out = spool_cmd("--dir", str(tmp_path), "replay", "--endpoint", server.endpoint)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "sent 0 spans" in out.stdout
+    assert "12 spans refused for good by the collector" in out.stdout
+    st = json.loads(spool_cmd("--dir", str(tmp_path), "status", "--json").stdout)
+    assert (st["segments"], st["rejected"]) == (0, 12)
+    assert "rejected:  12 spans" in spool_cmd("--dir", str(tmp_path), "status").stdout
