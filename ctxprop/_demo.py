@@ -6,6 +6,9 @@ their own (``worker=J``). It runs twice through the real pipeline (``ctxprop.ini
 ``ctxprop.close()``) against a collector embedded in this process on a free loopback port: once with a
 plain ``ThreadPoolExecutor``, once with the very same code but ``ctxprop.ContextAwareThreadPoolExecutor``.
 
+The user's ``OTEL_*`` settings are ignored (removed from this process's environment): they are for
+their applications, and a sampler or an attribute limit would falsify the comparison.
+
 ``init()`` sets one process-wide provider, so both runs share one pipeline; every span carries
 ``demo.run`` (plain / ctxprop), ``demo.round`` and, for workers, ``demo.worker``, set from the function's
 arguments, never from context, so the counts below are honest whatever the context did:
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -118,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
 
     rounds: int = args.rounds
     expected = len(_RUNS) * rounds * (1 + _WORKERS_PER_ROUND)
+    # The demo shows ctxprop, not the user's tracing set-up: a sampler, OTEL_SDK_DISABLED or attribute
+    # limits meant for their apps would empty or falsify the comparison, and a bad value would stop it.
+    for name in [k for k in os.environ if k.startswith("OTEL_")]:
+        del os.environ[name]
     with tempfile.TemporaryDirectory(prefix="ctxprop-demo-spool-") as spool, OTLPReceiver() as collector:
         # A private spool: the demo must neither replay someone's old spans nor leave any behind.
         ctxprop.init(service_name="ctxprop-demo", endpoint=collector.endpoint, spool_dir=spool)

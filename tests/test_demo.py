@@ -30,14 +30,17 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def test_demo_prints_both_trees_and_the_orphan_counts(tmp_path: Path) -> None:
     """Default demo: exit 0, nothing on stderr, both trees, and the exact verdict line; it ignores the
-    user's OTLP endpoint setting and leaves the user's spool alone."""
+    user's OTEL_* settings (endpoint, a sampler that drops everything, SDK disabled, attribute limits, a
+    malformed value) and leaves the user's spool alone."""
     spool = tmp_path / "user-spool"
-    out = _run(
-        "-m",
-        "ctxprop",
-        "demo",
-        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "CTXPROP_SPOOL_DIR": str(spool)},
-    )
+    user_settings = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        "OTEL_TRACES_SAMPLER": "always_off",
+        "OTEL_SDK_DISABLED": "true",
+        "OTEL_ATTRIBUTE_COUNT_LIMIT": "0",
+        "OTEL_BSP_SCHEDULE_DELAY": "soon",
+    }
+    out = _run("-m", "ctxprop", "demo", env={**user_settings, "CTXPROP_SPOOL_DIR": str(spool)})
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     lines = out.stdout.splitlines()
