@@ -113,7 +113,13 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._schedule_delay = schedule_delay
         self._export_timeout = export_timeout
         self._give_up_after = give_up_after
-        self.counters: dict[str, int] = {}
+        # Counting never takes a lock: on_end's drop path runs on application threads (often the main
+        # thread), and a SIGTERM handler running close() on top of it, or the worker holding the export
+        # lock, must never wait for a lock that interrupted frame holds. Increments go to a deque (append
+        # is atomic) and are folded into totals by whoever reads them, under a lock no counter takes.
+        self._tally: deque[tuple[str, int]] = deque()
+        self._totals: dict[str, int] = {}
+        self._fold_lock = threading.Lock()
         self._init_runtime_state()
         self._shut = False
         self._stopping = False
@@ -136,7 +142,7 @@ class CtxpropSpanProcessor(SpanProcessor):
         # One replay at a time in this process: close() must wait for a background replay that holds
         # leased segments rather than exit under it.
         self._replay_lock = threading.Lock()
-        self._count_lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._wake = threading.Event()
         self._signalled = False
         self._worker: Optional[threading.Thread] = None
@@ -151,6 +157,7 @@ class CtxpropSpanProcessor(SpanProcessor):
     def _after_fork_in_child(self) -> None:
         # The child must neither export the parent's queued spans nor use its locks or thread.
         self._init_runtime_state()
+        self._fold_lock = threading.Lock()
         reset = getattr(self._sender, "reset_after_fork", None)
         if reset is not None:
             reset()
@@ -184,7 +191,7 @@ class CtxpropSpanProcessor(SpanProcessor):
 
     def _start_worker(self) -> None:
         self._check_pid()
-        with self._count_lock:
+        with self._start_lock:
             if self._worker_started:
                 return
             self._worker_started = True
@@ -196,9 +203,21 @@ class CtxpropSpanProcessor(SpanProcessor):
     def _count(self, name: str, n: int) -> None:
         if n <= 0:
             return
-        with self._count_lock:
-            self.counters[name] = self.counters.get(name, 0) + n
+        self._tally.append((name, n))
         _stats.incr(name, n)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """This processor's counters (exported, retried, spooled, dropped_*, ...): a snapshot."""
+        return self._fold()
+
+    def _fold(self) -> dict[str, int]:
+        with self._fold_lock:
+            tally, totals = self._tally, self._totals
+            while tally:  # only folders pop, and they hold the fold lock
+                name, n = tally.popleft()
+                totals[name] = totals.get(name, 0) + n
+            return dict(totals)
 
     @property
     def queue_length(self) -> int:
@@ -229,6 +248,8 @@ class CtxpropSpanProcessor(SpanProcessor):
                     timeout = min(timeout, self._replay_at - now)
             timer = not self._wake.wait(timeout)
             self._wake.clear()
+            if len(self._tally) > 1024:
+                self._fold()  # drops counted while nobody reads the counters stay a short deque
             self._signalled = False
             if self._is_stopping():
                 return

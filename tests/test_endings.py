@@ -240,3 +240,32 @@ ready(alive=True)
     assert res.returncode == 0, res.stderr
     assert res.last("alive") is True
     _assert_all(receiver)
+
+
+
+def test_sigterm_while_main_thread_counts_a_drop(tmp_path: Path) -> None:
+    """SIGTERM handled while the main thread is counting a dropped span (queue full) and the worker is
+    mid-export: the handler's close() neither deadlocks nor waits out its deadline; every span arrives."""
+    with OTLPReceiver(mode="slow", delay=0.5) as rx:
+        body = """
+proc = ctxprop._pipeline.current_processor()
+make_spans("main")  # 2 batches: the worker takes the first to the (slow) collector
+while proc._inflight is None:
+    time.sleep(0.005)
+def at_drop(frame, event, arg):
+    # Right after the first C call inside the processor's _count() returns (taking a lock, if it takes
+    # one): the handler runs here, in the middle of the counting.
+    if event == "c_return" and frame.f_code.co_name == "_count":
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGTERM)
+proc._limit = 0  # as if the queue were full: the next span is dropped and counted
+sys.setprofile(at_drop)
+trace.get_tracer("endings").start_span("dropped").end()
+sys.setprofile(None)
+time.sleep(30)
+"""
+        kw = ", max_export_batch_size=500, schedule_delay=60"
+        res = run_child(_code(body, kw=kw), env=_env(rx, tmp_path), timeout=30)
+        assert res.returncode == -signal.SIGTERM, res.stderr
+        assert res.stderr == ""
+        _assert_all(rx)
