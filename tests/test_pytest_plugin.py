@@ -189,6 +189,33 @@ def test_a_tracer_made_at_import_time_is_captured_in_every_test(app: pytest.Pyte
     result.assert_outcomes(passed=3)
 
 
+def test_spans_made_in_process_pool_workers_are_captured(app: pytest.Pytester) -> None:
+    """Spans that ctxprop's process pool brings back from its workers are captured, under their parent."""
+    app.makepyfile(
+        tasks="""
+        from opentelemetry import trace
+
+        def square(x):
+            with trace.get_tracer("worker").start_as_current_span("square"):
+                return x * x
+        """,
+        test_pool="""
+        from opentelemetry import trace
+        import ctxprop
+        from tasks import square
+
+        def test_pool(ctxprop_spans):
+            with ctxprop.ContextAwareProcessPoolExecutor(max_workers=1) as pool:
+                with trace.get_tracer("t").start_as_current_span("batch"):
+                    assert list(pool.map(square, [2, 3])) == [4, 9]
+            ctxprop_spans.assert_parent("square", "batch")
+            assert len(ctxprop_spans.by_name("square")) == 2
+        """,
+    )
+    result = app.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
 def test_the_applications_own_pipeline_is_kept(app: pytest.Pytester) -> None:
     """A pipeline the application set up (here in conftest) is neither replaced nor torn down by the
     fixture: its exporter still gets every span, and the fixture sees the test's spans too."""
