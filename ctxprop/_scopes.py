@@ -108,7 +108,10 @@ class Scope:
 
     def clear(self) -> None:
         """Remove every tag."""
-        self._tags = _EMPTY
+        # Under the writers' lock too: a set_tag() between its copy and its swap would otherwise put
+        # back every tag this removed.
+        with _write_lock:
+            self._tags = _EMPTY
 
     def fork(self) -> Scope:
         """A new scope with the same tags; writes on either side never reach the other."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import pytest
@@ -250,3 +250,67 @@ def test_spans_get_scope_tags(exporter: InMemorySpanExporter) -> None:
     assert spans["plain"] == {"tenant": "acme", "level": "current", "step": "parse"}
     assert spans["explicit"] == {"tenant": "acme", "level": "current", "step": "mine"}
     assert spans["untagged"] == {}
+
+
+class _SignallingLock:
+    """Stands in for the scopes' write lock: tells when a second writer starts waiting for it."""
+
+    def __init__(self, waiting: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._waiting = waiting
+        self.holder: int | None = None
+
+    def __enter__(self) -> None:
+        if self.holder is not None and self.holder != threading.get_ident():
+            self._waiting.set()
+        self._lock.acquire()
+        self.holder = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.holder = None
+        self._lock.release()
+
+
+class _PausingDict(dict):  # type: ignore[type-arg]
+    """A tags dict whose copy() (the read in set_tag's read-copy-swap) pauses until released."""
+
+    def __init__(self, *args: object, in_copy: threading.Event, go: threading.Event) -> None:
+        super().__init__(*args)
+        self.in_copy, self.go = in_copy, go
+
+    def copy(self) -> dict[str, object]:
+        self.in_copy.set()
+        assert self.go.wait(timeout=30)
+        return dict(self)
+
+
+def test_clear_is_not_lost_to_a_concurrent_set_tag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """clear() during another thread's set_tag waits for it, so the old tags do not come back."""
+    progressed, in_copy, go = threading.Event(), threading.Event(), threading.Event()
+    monkeypatch.setattr(_scopes, "_write_lock", _SignallingLock(progressed))
+    scope = ctxprop.Scope({"old": 1})
+    scope._tags = _PausingDict(scope._tags, in_copy=in_copy, go=go)
+    done: list[Future[None]] = [Future(), Future()]
+
+    def run(i: int, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+            done[i].set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            done[i].set_exception(exc)
+        finally:
+            progressed.set()
+
+    setter = threading.Thread(target=run, args=(0, lambda: scope.set_tag("new", 2)))
+    setter.start()
+    assert in_copy.wait(timeout=30)
+    progressed.clear()
+    clearer = threading.Thread(target=run, args=(1, scope.clear))
+    clearer.start()
+    assert progressed.wait(timeout=30)  # clear() either finished or is waiting for the lock
+    go.set()
+    for f in done:
+        f.result(timeout=30)
+    setter.join()
+    clearer.join()
+    assert dict(scope.tags) == {}
