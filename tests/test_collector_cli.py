@@ -223,21 +223,26 @@ def test_late_spans_of_a_printed_trace_are_printed_as_an_update(
     assert col.stop() == 0
 
 
+def _run_collector(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a collector child that is expected to exit by itself (a start-up error)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ctxprop", "collector", *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=str(REPO),
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
 def test_port_in_use_is_a_clear_error() -> None:
     """A port that is taken: exit status 2 and a one-line reason, no traceback."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run(
-            [sys.executable, "-m", "ctxprop", "collector", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            cwd=str(REPO),
-            timeout=DEADLINE,
-            check=False,
-        )
+        out = _run_collector("--port", str(port))
     assert out.returncode == 2
     assert out.stderr.startswith(f"ctxprop collector: cannot listen on 127.0.0.1:{port}")
     assert "Traceback" not in out.stderr
@@ -246,15 +251,7 @@ def test_port_in_use_is_a_clear_error() -> None:
 def test_unwritable_jsonl_is_a_clear_error(tmp_path: Path) -> None:
     """--jsonl into a missing directory: exit status 2 and a one-line reason, before listening."""
     target = tmp_path / "missing" / "spans.jsonl"
-    out = subprocess.run(
-        [sys.executable, "-m", "ctxprop", "collector", "--port", "0", "--jsonl", str(target)],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        cwd=str(REPO),
-        timeout=DEADLINE,
-        check=False,
-    )
+    out = _run_collector("--port", "0", "--jsonl", str(target))
     assert out.returncode == 2
     assert out.stderr == f"ctxprop collector: cannot write {target}: No such file or directory\n"
     assert out.stdout == ""
