@@ -34,7 +34,7 @@ from typing import Any
 
 import wrapt
 
-from ctxprop import _capture
+from ctxprop import _capture, _stats
 from ctxprop._capture import _capture_extra, _enter
 from ctxprop._scopes import CURRENT, ISOLATION
 
@@ -122,30 +122,43 @@ def _is_infrastructure(thread: threading.Thread) -> bool:
 def _start_wrapper(
     wrapped: Callable[..., None], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    if (
-        not _active
-        or not isinstance(instance, threading.Thread)
-        or instance.ident is not None
-        or "run" in instance.__dict__
-        or getattr(instance, "_ctxprop_propagates", False)
-        or _is_infrastructure(instance)
-    ):
+    if not _active or not _bind_run(instance):
         return wrapped(*args, **kwargs)
-    snap = _capture.capture()
-    run = instance.run  # the subclass's own run(), if it overrides it
-
-    def run_in_snapshot() -> None:
-        try:
-            snap._run_once(run)
-        finally:
-            instance.__dict__.pop("run", None)  # drop the cycle thread -> closure -> thread
-
-    instance.run = run_in_snapshot  # type: ignore[method-assign]
     try:
         return wrapped(*args, **kwargs)
     except BaseException:
         instance.__dict__.pop("run", None)
         raise
+
+
+def _bind_run(thread: Any) -> bool:
+    """Make ``thread`` run in the caller's context; False when its start is left alone. Never raises:
+    whatever ``start()`` raises (a thread started twice, or whose ``__init__`` never ran) must come from
+    the standard library, unchanged."""
+    try:
+        if (
+            not isinstance(thread, threading.Thread)
+            or not getattr(thread, "_initialized", False)  # start() raises its own RuntimeError
+            or thread.ident is not None
+            or "run" in thread.__dict__
+            or getattr(thread, "_ctxprop_propagates", False)
+            or _is_infrastructure(thread)
+        ):
+            return False
+        snap = _capture.capture()
+        run = thread.run  # the subclass's own run(), if it overrides it
+    except Exception:  # noqa: BLE001 - an odd Thread subclass starts as it would without instrument()
+        _stats.incr("instrument_errors")
+        return False
+
+    def run_in_snapshot() -> None:
+        try:
+            snap._run_once(run)
+        finally:
+            thread.__dict__.pop("run", None)  # drop the cycle thread -> closure -> thread
+
+    thread.run = run_in_snapshot
+    return True
 
 
 class _ProcessSubmit:

@@ -210,6 +210,50 @@ def test_starting_a_thread_twice_still_raises() -> None:
     assert "run" not in t.__dict__
 
 
+class _NeverInitialised(threading.Thread):
+    def __init__(self) -> None:  # forgets super().__init__()
+        pass
+
+    def run(self) -> None:
+        pass
+
+
+def _start_error(thread: threading.Thread) -> tuple[type[BaseException], str]:
+    with pytest.raises(BaseException) as info:  # noqa: PT011 - the point: whatever start() raises
+        thread.start()
+    return info.type, str(info.value)
+
+
+def test_start_errors_are_the_standard_librarys_own() -> None:
+    """A thread whose __init__ never ran raises the same RuntimeError from start() as uninstrumented."""
+    plain = _start_error(_NeverInitialised())
+    ctxprop.instrument()
+    assert _start_error(_NeverInitialised()) == plain == (RuntimeError, "thread.__init__() not called")
+
+
+def test_a_thread_whose_run_cannot_be_read_still_starts() -> None:
+    """If reading a Thread subclass's run fails, start() works as uninstrumented; the fault is counted."""
+    ran = threading.Event()
+
+    class Odd(threading.Thread):
+        def __getattribute__(self, name: str) -> Any:
+            if name == "run" and not ran.is_set():
+                ran.set()
+                raise LookupError("run is computed later")
+            return super().__getattribute__(name)
+
+        def run(self) -> None:
+            pass
+
+    ctxprop.instrument()
+    t = Odd()
+    t.start()
+    t.join(timeout=30)
+    assert ran.is_set()
+    assert not t.is_alive()
+    assert ctxprop.stats()["instrument_errors"] == 1
+
+
 class _CountingHook:
     def __init__(self) -> None:
         self.captures = 0
