@@ -157,7 +157,7 @@ def _bind_run(thread: Any) -> bool:
         finally:
             thread.__dict__.pop("run", None)  # drop the cycle thread -> closure -> thread
 
-    thread.run = run_in_snapshot
+    thread.run = run_in_snapshot  # type: ignore[method-assign]
     return True
 
 
