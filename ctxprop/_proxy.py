@@ -109,11 +109,16 @@ class _ChildSpans:
             return True
         return False
 
-    def close(self, returncode: int) -> None:
+    def close(self, returncode: Optional[int]) -> None:
+        reason = (
+            f"child exited ({returncode}) with the span open"
+            if returncode is not None
+            else "stopped reading the child's output with the span open"
+        )
         while self._open:
             _, span = self._open.pop()
             span.set_attribute("ctxprop.proxy.unterminated", True)
-            span.set_status(Status(StatusCode.ERROR, f"child exited ({returncode}) with the span open"))
+            span.set_status(Status(StatusCode.ERROR, reason))
             span.end()
 
 
@@ -165,15 +170,18 @@ def _apply(spans: _ChildSpans, line: bytes) -> bool:
 def _run(args: Any, sink: Optional[IO[Any]], env: dict[str, str], popen_kwargs: dict[str, Any]) -> int:
     out, binary = _writer(sink)
     spans = _ChildSpans()
-    with subprocess.Popen(args, stdout=subprocess.PIPE, env=env, **popen_kwargs) as proc:  # noqa: S603
-        assert proc.stdout is not None  # noqa: S101 - stdout=PIPE above
-        for line in proc.stdout:
-            if line.startswith(PREFIX):
-                if _apply(spans, line):
-                    continue
-                _stats.incr("proxy_malformed_lines")
-            out.write(line if binary else line.decode("utf-8", errors="replace"))
-            out.flush()
-        returncode = proc.wait()
-    spans.close(returncode)
-    return returncode
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, **popen_kwargs)  # noqa: S603
+    try:
+        with proc:
+            assert proc.stdout is not None  # noqa: S101 - stdout=PIPE above
+            for line in proc.stdout:
+                if line.startswith(PREFIX):
+                    if _apply(spans, line):
+                        continue
+                    _stats.incr("proxy_malformed_lines")
+                out.write(line if binary else line.decode("utf-8", errors="replace"))
+                out.flush()
+            return proc.wait()
+    finally:
+        # Also when the sink or a KeyboardInterrupt stops the reading: a span left open is never exported.
+        spans.close(proc.returncode)

@@ -157,3 +157,20 @@ def test_default_sink_is_stdout_in_order() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout_lines[:4] == ["before", "one", "two", "after"]
     assert result.json_lines[-1] == {"rc": 0, "spans": ["s"]}
+
+
+class _FailingSink(io.BytesIO):
+    """A sink that breaks on the first plain line (a closed pipe, a full disk)."""
+
+    def write(self, data: Any) -> int:
+        raise BrokenPipeError("sink closed")
+
+
+def test_spans_open_when_the_sink_fails_are_still_ended(exporter: InMemorySpanExporter) -> None:
+    """If writing a passed-through line fails, the error reaches the caller and open spans still end."""
+    script = """echo '::ctxprop:: {"span": "upload", "event": "start"}'; echo 'progress 10%'; echo done"""
+    with pytest.raises(BrokenPipeError):
+        run_proxied(["bash", "-c", script], sink=_FailingSink())
+    upload = finished(exporter)["upload"]
+    assert upload.status.status_code is StatusCode.ERROR
+    assert (upload.attributes or {})["ctxprop.proxy.unterminated"] is True
