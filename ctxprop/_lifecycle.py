@@ -9,6 +9,8 @@
   (through ``signal.signal``), is chained: ctxprop flushes, then calls it, and the application decides.
   (A handler installed after ``init()`` through a reference taken earlier, ``from signal import signal``,
   bypasses the chain and replaces ctxprop's; atexit still delivers if that handler exits the process.)
+- SIGTERM while a ``close()`` is already running (atexit, the application's own, ``aclose()``): the
+  handler lets that close finish within its deadline and the process dies by SIGTERM right after it.
 - ``os.fork()``: the processor re-initialises itself in the child (see ``_processor``).
 
 >>> install(lambda: None, handle_signals=False)
@@ -17,13 +19,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["install", "uninstall"]
+__all__ = ["closing", "install", "uninstall"]
 
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
 
@@ -34,6 +38,8 @@ _sigterm_installed = False
 _app_handler: _Handler = None
 _real_signal = signal.signal
 _real_getsignal = signal.getsignal
+_closing = 0
+_term_pending = False
 
 
 def _at_exit() -> None:
@@ -107,11 +113,37 @@ def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
         return
     if handler is signal.SIG_IGN:
         return
+    global _term_pending  # noqa: PLW0603
+    if _closing:
+        # A close() is running already, perhaps in the very frame this handler interrupted: dying now
+        # would lose what it has not written yet. It re-sends SIGTERM when it is done (closing()).
+        _term_pending = True
+        return
     if _close is not None:
         _close()
+    _die()
+
+
+def _die() -> None:
     # Die the way SIGTERM kills a process, so supervisors see the same status as without ctxprop.
-    _real_signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(ValueError):
+        # Off the main thread the handler cannot be changed; ours, run by the main thread, then finds no
+        # close() in progress and comes back here.
+        _real_signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def closing() -> Iterator[None]:
+    """Mark a ``close()`` in progress: a SIGTERM meanwhile waits for it, then kills the process."""
+    global _closing  # noqa: PLW0603
+    _closing += 1
+    try:
+        yield
+    finally:
+        _closing -= 1
+        if not _closing and _term_pending:
+            _die()
 
 
 def uninstall() -> None:

@@ -268,13 +268,14 @@ def close(timeout: Optional[float] = None) -> None:
     deadline = _deadline(timeout)
     # Detach first so a second close() (atexit after an explicit one, or SIGTERM during close) is a no-op.
     _provider, _processor, _config = None, None, None
-    try:
-        processor.shutdown_until(deadline)
-    except Exception:  # noqa: BLE001 - never raise from close()
-        _stats.incr("export_errors")
-    _lifecycle.uninstall()
-    if provider is not None and trace.get_tracer_provider() is provider:
-        _reset_global_provider()
+    with _lifecycle.closing():
+        try:
+            processor.shutdown_until(deadline)
+        except Exception:  # noqa: BLE001 - never raise from close()
+            _stats.incr("export_errors")
+        _lifecycle.uninstall()
+        if provider is not None and trace.get_tracer_provider() is provider:
+            _reset_global_provider()
 
 
 def forget() -> None:

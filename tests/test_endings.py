@@ -269,3 +269,29 @@ time.sleep(30)
         assert res.returncode == -signal.SIGTERM, res.stderr
         assert res.stderr == ""
         _assert_all(rx)
+
+
+def test_sigterm_during_close_lets_close_finish_then_dies(tmp_path: Path) -> None:
+    """SIGTERM arriving while close() is already running (collector hanging) does not cut it short: close()
+    still writes every span to the spool by its deadline, then the process dies by SIGTERM."""
+    from ctxprop._spool import Spool
+
+    with OTLPReceiver(mode="slow", delay=60) as rx:
+        body = """
+import threading
+proc = ctxprop._pipeline.current_processor()
+make_spans("main")
+def terminate_once_close_sends():
+    while proc._inflight is None:
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=terminate_once_close_sends, daemon=True).start()
+ctxprop.close()
+ready(after_close=True)
+"""
+        kw = ", max_export_batch_size=2000, schedule_delay=60, close_timeout=2.0"
+        res = run_child(_code(body, kw=kw), env=_env(rx, tmp_path), timeout=30)
+    assert res.returncode == -signal.SIGTERM, res.stderr
+    assert res.stderr == ""
+    assert not any("after_close" in ln for ln in res.stdout_lines)  # it died at the end of close()
+    assert Spool.open(tmp_path / "spool").status().spans == N
