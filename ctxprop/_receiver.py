@@ -15,6 +15,7 @@ import contextlib
 import gzip
 import json
 import socket
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -115,6 +116,14 @@ class _Server(ThreadingHTTPServer):
     # Keep-alive handler threads may sit in a read; stop() closes their sockets instead of joining them.
     block_on_close = False
     receiver: OTLPReceiver
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out or hung up mid-answer is normal for a collector (the slow and die modes
+        # provoke it on purpose); the stdlib would print a traceback to stderr for each. Anything else is
+        # a bug worth seeing.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -216,3 +216,23 @@ def test_run_child_collects_json_and_sends_signal_after_line() -> None:
     assert res.json_lines == [{"ready": True, "mod": "ctxprop"}]
     assert res.last("ready") is True
     assert res.stderr == "err\n"
+
+
+def test_client_hanging_up_before_the_answer_is_silent(capfd: pytest.CaptureFixture[str]) -> None:
+    """A client that gave up (reset its connection) before a slow answer leaves no traceback on stderr."""
+    import socket
+    import struct
+
+    body = encode_spans(_spans(1)).SerializeToString()
+    with OTLPReceiver(mode="slow", delay=0.3) as rx:
+        s = socket.create_connection(("127.0.0.1", rx.port), timeout=10)
+        head = f"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        s.sendall(head + body)
+        while rx.requests == 0:
+            threading.Event().wait(0.01)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        s.close()
+        assert rx.wait_for_spans(1, 10)  # the answer was attempted after the hang-up
+        rx.set_mode("ok")
+        assert _post(rx, body).status == 200  # and the receiver still serves
+    assert "Traceback" not in capfd.readouterr().err
