@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxprop import _pipeline, _stats
+from ctxprop import _pipeline, _scopes, _stats
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +26,12 @@ def _private_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test (and the child processes it starts) gets its own spool directory, so no test replays
     spans another test left behind, and the user's real spool is never touched."""
     monkeypatch.setenv("CTXPROP_SPOOL_DIR", str(tmp_path / "ctxprop-spool"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_scopes() -> Iterator[None]:
+    """Each test starts with no scope in the main thread's context, whatever ran before it."""
+    tokens = _scopes.ISOLATION.set(_scopes.NO_SCOPE), _scopes.CURRENT.set(_scopes.NO_SCOPE)
+    yield
+    _scopes.CURRENT.reset(tokens[1])
+    _scopes.ISOLATION.reset(tokens[0])
