@@ -123,7 +123,7 @@ def test_calling_threads_context_untouched() -> None:
         return (
             dict(before.items()) == dict(after.items()),
             _scopes.ISOLATION.get() is _scopes.NO_SCOPE,
-            _capture.PROPAGATED.get(),
+            _capture.propagated(),
         )
 
     assert _in_thread(probe) == (True, True, False)
@@ -161,10 +161,10 @@ def test_run_concurrently_from_many_threads() -> None:
 
 
 def test_propagated_marker() -> None:
-    """PROPAGATED is set inside a snapshot run and nowhere else."""
+    """propagated() is true inside a snapshot run and nowhere else."""
     assert not ctxprop._capture.propagated()
     assert ctxprop.capture().run(_capture.propagated)
-    assert not _capture.PROPAGATED.get()
+    assert not _capture.propagated()
 
 
 def test_exceptions_pass_through_unchanged() -> None:

@@ -80,7 +80,7 @@ def test_worker_threads_own_context_untouched() -> None:
             lambda: (
                 REQUEST_ID.get(),
                 _scopes.ISOLATION.get() is _scopes.NO_SCOPE,
-                _capture.PROPAGATED.get(),
+                _capture.propagated(),
             ),
         ).result(timeout=30)
     assert own == ("-", True, False)
@@ -222,7 +222,7 @@ def test_initializer_runs_in_a_clean_context() -> None:
             (
                 REQUEST_ID.get(),
                 _scopes.ISOLATION.get() is _scopes.NO_SCOPE,
-                _capture.PROPAGATED.get(),
+                _capture.propagated(),
                 arg,
             )
         )
@@ -305,7 +305,7 @@ def test_run_in_executor_with_context(make_executor: Callable[[], Executor | Non
     executor = make_executor()
 
     def work(a: int, *, b: int) -> tuple[int, str, dict[str, Any], bool]:
-        seen = (a + b, REQUEST_ID.get(), _tags(), _capture.PROPAGATED.get())
+        seen = (a + b, REQUEST_ID.get(), _tags(), _capture.propagated())
         ctxprop.set_tag("leak", True)
         REQUEST_ID.set("leaked")
         return seen

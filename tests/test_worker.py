@@ -331,3 +331,85 @@ def test_method_keeps_binding(exporter: InMemorySpanExporter) -> None:
 
     assert Resizer().scale(2) == 6
     assert any(name.endswith("Resizer.scale") for name in _spans(exporter))
+
+
+def _enter_and_check(how: str, saved: ctxprop.Scope) -> bool:
+    """Enter scopes the way ``how`` says, then report whether the code counts as propagated."""
+    from ctxprop._capture import propagated
+
+    if how == "as is":
+        return propagated()
+    if how == "isolation_scope":
+        with ctxprop.isolation_scope():
+            return propagated()
+    if how == "new_scope":
+        with ctxprop.new_scope():
+            return propagated()
+    if how == "use_scope":
+        with ctxprop.use_scope(saved):
+            return propagated()
+    if how == "use both":
+        with ctxprop.use_isolation_scope(saved), ctxprop.use_scope(saved.fork()):
+            inner = propagated()
+        return inner and propagated()
+    raise AssertionError(how)
+
+
+HOWS = ["as is", "isolation_scope", "new_scope", "use_scope", "use both"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_propagation_mark_survives_scopes_entered_in_a_task(how: str) -> None:
+    """In a propagated task, entering isolation_scope()/new_scope()/use_*scope() keeps it propagated."""
+    saved = ctxprop.Scope({"made": "by hand"})
+    with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(_enter_and_check, how, saved).result(timeout=30)
+    assert ctxprop.capture().run(_enter_and_check, how, saved)
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_scopes_carried_out_of_a_task_do_not_fake_propagation(how: str) -> None:
+    """On a plain pool thread, activating a scope taken from a propagated task does not count as
+    propagated, whatever scopes are entered around it: @worker still warns there."""
+    from ctxprop._capture import propagated
+
+    carried = ctxprop.capture().run(ctxprop.get_isolation_scope)
+    with ThreadPoolExecutor(max_workers=1) as plain:
+        assert not plain.submit(_enter_and_check, how, carried).result(timeout=30)
+
+        def under_carried() -> tuple[bool, bool]:
+            with ctxprop.use_isolation_scope(carried):
+                inside = _enter_and_check(how, carried)
+            return inside, propagated()
+
+        assert plain.submit(under_carried).result(timeout=30) == (False, False)
+
+
+def test_no_false_warning_when_a_task_enters_its_own_scopes(exporter: InMemorySpanExporter) -> None:
+    """A worker called inside scopes a propagated task entered (even hand-made ones) does not warn."""
+
+    @ctxprop.worker
+    def inner() -> int:
+        return 1
+
+    def task() -> int:
+        mine_iso, mine_cur = ctxprop.Scope(), ctxprop.Scope()
+        with (
+            ctxprop.isolation_scope(),
+            ctxprop.new_scope(),
+            ctxprop.use_isolation_scope(mine_iso),
+            ctxprop.use_scope(mine_cur),
+        ):
+            return inner()
+
+    with _record_warnings() as record:
+        warnings.simplefilter("always")
+        with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+            assert pool.submit(task).result(timeout=30) == 1
+        ctxprop.instrument()
+        try:
+            with ThreadPoolExecutor(max_workers=1) as plain:
+                assert plain.submit(task).result(timeout=30) == 1
+        finally:
+            ctxprop.uninstrument()
+    assert [str(w.message) for w in record] == []
