@@ -38,7 +38,7 @@ _sigterm_installed = False
 _app_handler: _Handler = None
 _real_signal = signal.signal
 _real_getsignal = signal.getsignal
-_closing = 0
+_closers: set[int] = set()  # threads inside a close() right now
 _term_pending = False
 
 
@@ -114,7 +114,7 @@ def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
     if handler is signal.SIG_IGN:
         return
     global _term_pending  # noqa: PLW0603
-    if _closing:
+    if _closers:
         # A close() is running already, perhaps in the very frame this handler interrupted: dying now
         # would lose what it has not written yet. It re-sends SIGTERM when it is done (closing()).
         _term_pending = True
@@ -136,14 +136,26 @@ def _die() -> None:
 @contextlib.contextmanager
 def closing() -> Iterator[None]:
     """Mark a ``close()`` in progress: a SIGTERM meanwhile waits for it, then kills the process."""
-    global _closing  # noqa: PLW0603
-    _closing += 1
+    me = threading.get_ident()
+    _closers.add(me)
     try:
         yield
     finally:
-        _closing -= 1
-        if not _closing and _term_pending:
+        _closers.discard(me)
+        if not _closers and _term_pending:
             _die()
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread lives on in the child: a close() another thread was running is not running
+    # here, and a SIGTERM the parent got is not the child's.
+    global _term_pending  # noqa: PLW0603
+    _closers.intersection_update({threading.get_ident()})
+    _term_pending = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def uninstall() -> None:

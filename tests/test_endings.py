@@ -295,3 +295,33 @@ ready(after_close=True)
     assert res.stderr == ""
     assert not any("after_close" in ln for ln in res.stdout_lines)  # it died at the end of close()
     assert Spool.open(tmp_path / "spool").status().spans == N
+
+
+def test_fork_during_another_threads_close_child_still_dies_by_sigterm(
+    receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """A child forked while another thread was in close() (aclose) is not left thinking a close runs:
+    SIGTERM still flushes the child's spans and kills it."""
+    body = """
+import threading
+from ctxprop import _lifecycle
+in_close, forked = threading.Event(), threading.Event()
+def closer():
+    with _lifecycle.closing():  # as aclose()'s thread is while it closes
+        in_close.set()
+        forked.wait(30)
+threading.Thread(target=closer, daemon=True).start()
+in_close.wait(30)
+pid = os.fork()
+if pid == 0:
+    make_spans("child")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+    os._exit(5)
+forked.set()
+ready(child=os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+    res = run_child(_code(body), env=_env(receiver, tmp_path), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.last("child") == -signal.SIGTERM
+    _assert_all(receiver, "child")
