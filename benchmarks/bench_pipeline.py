@@ -37,6 +37,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 
 from ctxprop._export import OTLPSender, quiet_official_loggers, stable_resource  # noqa: E402
 from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
+from ctxprop._tagging import ScopeTagSpanProcessor  # noqa: E402
 
 RECEIVER = """
 import sys
@@ -92,23 +93,26 @@ def _env() -> dict[str, str]:
     return env
 
 
-Contender = Callable[[str, int], tuple[SpanProcessor, Resource]]
+Contender = Callable[[str, int], tuple[list[SpanProcessor], Resource]]
 
 
-def stock_bsp(endpoint: str, queue: int) -> tuple[SpanProcessor, Resource]:
-    return BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue), Resource.create({})
+def stock_bsp(endpoint: str, queue: int) -> tuple[list[SpanProcessor], Resource]:
+    bsp = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue)
+    return [bsp], Resource.create({})
 
 
-def ctxprop_pipeline(endpoint: str, queue: int) -> tuple[SpanProcessor, Resource]:
-    # What init() builds: ctxprop's processor, its OTLP sender, and its resource (hash computed once).
+def ctxprop_pipeline(endpoint: str, queue: int) -> tuple[list[SpanProcessor], Resource]:
+    # What init() builds, in its order: the scope-tag processor (the provider calls it for every span, so
+    # its cost counts against ctxprop), ctxprop's processor with its OTLP sender, and its resource (hash
+    # computed once).
     proc = CtxpropSpanProcessor(sender=OTLPSender(endpoint), max_queue_size=queue)
-    return proc, stable_resource(Resource.create({}))
+    return [ScopeTagSpanProcessor(), proc], stable_resource(Resource.create({}))
 
 
-def ctxprop_same_exporter(endpoint: str, queue: int) -> tuple[SpanProcessor, Resource]:
+def ctxprop_same_exporter(endpoint: str, queue: int) -> tuple[list[SpanProcessor], Resource]:
     # The processor alone: the stock exporter and the stock resource, as the BSP row has.
     proc = CtxpropSpanProcessor(exporter=OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue)
-    return proc, Resource.create({})
+    return [proc], Resource.create({})
 
 
 BASE = "stock BatchSpanProcessor + OTLPSpanExporter"
@@ -120,9 +124,10 @@ CONTENDERS: dict[str, Contender] = {
 
 
 def one_round(name: str, collector: Collector, n: int) -> tuple[float, float]:
-    proc, resource = CONTENDERS[name](collector.endpoint, n + 1)
+    procs, resource = CONTENDERS[name](collector.endpoint, n + 1)
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    provider.add_span_processor(proc)
+    for proc in procs:
+        provider.add_span_processor(proc)
     tracer = provider.get_tracer("bench")
     base = collector.spans()
     t0 = time.perf_counter()
