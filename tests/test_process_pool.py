@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -437,3 +438,48 @@ def test_script_with_a_pool_delivers_every_worker_span_to_the_collector(
     assert {s.parent_span_id for s in work} == {out["main"]}
     assert {s.service_name for s in work} == {"script"}
     assert {s.attributes["run"] for s in work} == {"e2e"}
+
+
+def _crash() -> None:
+    os._exit(3)
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_a_crashed_worker_fails_the_futures_and_keeps_delivered_spans(exporter: InMemorySpanExporter) -> None:
+    """A worker that dies mid-task breaks the pool as in the stdlib: its future and the queued ones raise
+    BrokenProcessPool (none hangs), submit() then raises it, shutdown() returns; earlier spans arrived."""
+    pool = ctxprop.ContextAwareProcessPoolExecutor(max_workers=1, mp_context=FORK)
+    try:
+        assert pool.submit(traced_task, 1).result(timeout=60)["pid"] != os.getpid()
+        doomed, queued = pool.submit(_crash), pool.submit(traced_task, 2)
+        for fut in (doomed, queued):
+            with pytest.raises(BrokenProcessPool):
+                fut.result(timeout=60)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(traced_task, 3)
+    finally:
+        pool.shutdown()
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert "task-1" in names
+    assert "task-2" not in names
+
+
+@pytest.mark.usefixtures("fresh_context")
+def test_max_tasks_per_child_replaces_workers_that_still_get_the_context(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """With max_tasks_per_child=1 every task runs in a new worker process; each one still gets the tags
+    and the parent span, and every worker span reaches the exporter by shutdown()."""
+    ctxprop.set_tag("job", "recycled")
+    with (
+        trace.get_tracer("parent").start_as_current_span("submit") as parent,
+        ctxprop.ContextAwareProcessPoolExecutor(
+            max_workers=2, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=1
+        ) as pool,
+    ):
+        outs = list(pool.map(traced_task, range(4)))
+    assert len({o["pid"] for o in outs}) == 4
+    assert all(o["tags"] == {"job": "recycled"} for o in outs)
+    tasks = [s for s in exporter.get_finished_spans() if s.name.startswith("task-")]
+    assert sorted(s.name for s in tasks) == [f"task-{n}" for n in range(4)]
+    assert {s.parent.span_id for s in tasks if s.parent} == {parent.get_span_context().span_id}
