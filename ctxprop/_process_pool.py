@@ -51,13 +51,12 @@ def _parent_provider() -> Optional[TracerProvider]:
     """The SDK provider whose processors receive worker spans: ctxprop's pipeline, else the global one."""
     from ctxprop import _pipeline
 
-    getter = getattr(_pipeline, "current_provider", None)
-    provider = getter() if getter is not None else getattr(_pipeline, "_provider", None)
+    provider = _pipeline.current_provider()
     if provider is None:
         global_provider = trace.get_tracer_provider()
         if isinstance(global_provider, TracerProvider):
             provider = global_provider
-    return provider if isinstance(provider, TracerProvider) else None
+    return provider
 
 
 _resource_cache: tuple[Optional[Resource], Optional[bytes]] = (None, None)
@@ -244,10 +243,7 @@ def _flush_parent() -> None:
     from ctxprop import _pipeline
 
     try:
-        if (
-            getattr(_pipeline, "current_provider", lambda: None)() is not None
-            or getattr(_pipeline, "_provider", None) is not None
-        ):
+        if _pipeline.current_provider() is not None:
             _pipeline.flush()
             return
         provider = _parent_provider()
@@ -290,14 +286,6 @@ _collector: Optional[_Collector] = None
 _inherited_collector = False  # _collector sits in the provider inherited from the parent through fork
 
 
-def _reset_global_provider() -> None:
-    # OTel lets the global provider be set once per process; a worker must replace what it inherited.
-    from opentelemetry.util._once import Once
-
-    trace._TRACER_PROVIDER = None
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-
-
 def _enter_worker_process() -> None:
     """Once per worker process: drop a pipeline inherited through fork (or a re-imported main module)."""
     global _worker_pid, _worker_blob, _collector, _inherited_collector  # noqa: PLW0603
@@ -311,12 +299,7 @@ def _enter_worker_process() -> None:
         inherited = _parent_provider()
         from ctxprop import _pipeline
 
-        forget = getattr(_pipeline, "forget", None)
-        if forget is not None:
-            forget()
-        else:
-            _pipeline._provider = None
-        _reset_global_provider()
+        _pipeline.forget()  # also resets OTel's global provider, which this worker sets anew
         if inherited is not None:
             _redirect(inherited)
     except Exception:  # noqa: BLE001 - the task must still run when the inherited pipeline is odd
@@ -359,7 +342,10 @@ def _worker_collector(blob: Optional[bytes]) -> Optional[_Collector]:
         provider = TracerProvider(resource=Resource(attributes, schema_url))
         provider.add_span_processor(ScopeTagSpanProcessor())
         provider.add_span_processor(collector)
-        _reset_global_provider()
+        from ctxprop import _pipeline
+
+        # OTel lets the global provider be set once per process; a worker replaces what it had.
+        _pipeline._reset_global_provider()
         trace.set_tracer_provider(provider)
         _worker_blob, _collector = blob, collector
     return _collector
