@@ -9,6 +9,7 @@ submitter of a task.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -39,6 +40,17 @@ _new_object = object.__new__
 # (read-copy-swap is not atomic). Readers (capture, span start) never take it: they read whichever
 # complete dict is current.
 _write_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock at fork(); the child has no such thread to free it,
+    # so without a fresh lock its first set_tag() would hang for ever.
+    global _write_lock  # noqa: PLW0603
+    _write_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _valid_value(value: object) -> bool:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import os
+import select
+import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -314,3 +319,45 @@ def test_clear_is_not_lost_to_a_concurrent_set_tag(monkeypatch: pytest.MonkeyPat
     setter.join()
     clearer.join()
     assert dict(scope.tags) == {}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_set_tag_works_in_a_child_forked_while_a_writer_held_the_lock() -> None:
+    """A process forked while another thread was inside set_tag() can still set tags (no hang)."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _scopes._write_lock:
+            holding.set()
+            release.wait(timeout=60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    pid = 0
+    try:
+        assert holding.wait(timeout=30)
+        r, w = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                scope = ctxprop.Scope()
+                scope.set_tag("k", 1)
+                scope.remove_tag("k")
+                scope.clear()
+                os.write(w, b"ok")
+            finally:
+                os._exit(0)
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], 30)
+        answer = os.read(r, 2) if ready else b""
+        os.close(r)
+    finally:
+        release.set()
+        holder.join(timeout=30)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert answer == b"ok"
