@@ -470,10 +470,12 @@ class CtxpropSpanProcessor(SpanProcessor):
                 b = self._pending.popleft()
                 self._pending_spans -= b.count
                 self._to_spool(b)
-        else:
+        elif self._shut:
             inflight = self._inflight
             if inflight is not None and inflight.payload is not None:
-                # The worker is stuck in a request; its batch may never be answered before exit.
+                # Closing, and the worker is stuck in a request: its batch may never be answered before
+                # exit. (A plain flush leaves it to the worker: the request may still succeed, and a
+                # spooled copy would then be delivered a second time.)
                 self._to_spool(inflight)
         q = self._queue
         while q:

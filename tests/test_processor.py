@@ -205,8 +205,10 @@ def test_flush_deadline_spools_leftovers_when_collector_hangs(
     """With a collector that never answers, flush() returns by its deadline and the spans are in the spool."""
     with OTLPReceiver(mode="slow", delay=60) as rx:
         spool = Spool.open(tmp_path / "spool")
+        # No full batch, so the worker stays asleep and flush() itself is the one stuck in the request (a
+        # batch the worker has in flight stays the worker's: see the next test).
         proc = CtxpropSpanProcessor(
-            sender=OTLPSender(rx.endpoint), spool=spool, max_export_batch_size=50, schedule_delay=60
+            sender=OTLPSender(rx.endpoint), spool=spool, max_export_batch_size=500, schedule_delay=60
         )
         procs.append(proc)
         _make(_provider(proc), 120)
@@ -326,3 +328,30 @@ def test_refused_replay_backs_off_then_delivers_without_new_spans(
     receiver.set_mode("ok")
     assert receiver.wait_for_spans(30, 30)
     assert sorted(s.name for s in receiver.spans) == sorted(f"old{i}" for i in range(30))
+
+
+def test_flush_timing_out_under_a_slow_request_does_not_duplicate_it(
+    procs: list[CtxpropSpanProcessor], tmp_path: Path
+) -> None:
+    """flush() that times out while the worker's request is still running leaves that batch to the worker:
+    when the slow collector then accepts it, it is not also in the spool (no second delivery later)."""
+    with OTLPReceiver(mode="slow", delay=1.0) as rx:
+        spool = Spool.open(tmp_path / "spool")
+        proc = CtxpropSpanProcessor(
+            sender=OTLPSender(rx.endpoint), spool=spool, max_export_batch_size=10, schedule_delay=60
+        )
+        procs.append(proc)
+        provider = _provider(proc)
+        _make(provider, 10, "slow")  # a full batch: the worker sends it at once
+        deadline = time.monotonic() + 20
+        while proc._inflight is None and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+        assert proc._inflight is not None
+        _make(provider, 5, "queued")
+        assert proc.flush_until(time.monotonic() + 0.3) is False  # the worker holds the export lock
+        assert rx.wait_for_spans(10, 20)  # the slow collector accepted the in-flight batch after all
+        rx.set_mode("ok")
+        assert proc.shutdown_until(time.monotonic() + 10)  # replays the spool: only what flush() wrote
+        names = sorted(s.name for s in rx.spans)
+    assert names == sorted([f"slow{i}" for i in range(10)] + [f"queued{i}" for i in range(5)])
+    assert not spool.has_pending()
