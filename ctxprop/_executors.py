@@ -86,20 +86,9 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
         # trampoline or a bound method: this is the per-task hot path, where each call level and each
         # object a queued task keeps alive (the GC walks them all) costs a visible share of a no-op
         # task's round trip. The fresh copy_context() is private to this task, so no second copy.
-        if self._stdlib_submit_next:
-            return ThreadPoolExecutor.submit(
-                self,
-                _context_run,
-                copy_context(),
-                _enter_flat,
-                ISOLATION.get()._tags,
-                CURRENT.get()._tags,
-                _capture_extra() if _capture._hooks else (),
-                fn,
-                *args,
-                **kwargs,
-            )
-        return super().submit(
+        submit = ThreadPoolExecutor.submit if self._stdlib_submit_next else _cooperative_submit
+        return submit(
+            self,
             _context_run,
             copy_context(),
             _enter_flat,
@@ -110,6 +99,13 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
             *args,
             **kwargs,
         )
+
+
+def _cooperative_submit(
+    pool: ContextAwareThreadPoolExecutor, fn: Callable[..., R], /, *args: Any, **kwargs: Any
+) -> Future[R]:
+    # For a pool class that mixes another pool's submit in after ours: that one gets the call.
+    return super(ContextAwareThreadPoolExecutor, pool).submit(fn, *args, **kwargs)
 
 
 def _propagates_itself(executor: Optional[Executor]) -> bool:
