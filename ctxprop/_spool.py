@@ -5,11 +5,13 @@ through its file descriptor, so a path swapped later cannot redirect a write):
 
 - ``seg-<created_ns>-<pid>-<rand>-<spans>.ctxs``: a complete pending segment (files are 0600). The name
   carries the creation time and the span count, so ordering, age and ``status()`` need a listing only.
-- ``<segment>.lease-<pid>-<boot>-<start>``: a segment some process is sending right now (or, in durable
-  mode, a batch written ahead of its export). Taking a lease is one atomic ``rename()``: of two processes
-  only one wins, so no segment is sent twice. The suffix names the owner (pid, boot id, process start
-  time); a lease whose owner is gone, even behind a reused pid, goes back to pending.
-- ``.tmp-<pid>-<rand>``: a segment being written; renamed to its final name only when complete.
+- ``<segment>.lease-<pid>``: a segment some process is sending right now (or, in durable mode, a batch
+  written ahead of its export). Its owner holds an exclusive ``flock()`` on it from before the name
+  exists until it is done, and a lease is taken by one atomic ``rename()`` of a segment already locked:
+  of two processes only one wins, so no segment is sent twice. A lease nobody holds locked (its owner
+  died: the kernel drops the lock with the process, in any pid namespace) goes back to pending.
+- ``.tmp-<pid>-<rand>``: a segment being written (locked by its writer); renamed to its final name only
+  when complete.
 - ``events``: an append-only log of drops and corrupt records, so ``status()`` reports them across processes.
 
 A segment is ``_FILE_MAGIC`` then records: ``b"CTXR"``, u32 payload length, u32 span count, u64 creation
@@ -21,6 +23,7 @@ record magic whose checksum holds, so the rest of the segment is still sent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -40,6 +43,11 @@ from typing import Callable, Optional, Union
 
 from ctxprop import _stats
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: the spool is memory-only there
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["Spool", "SpoolStatus", "default_spool_dir"]
 
 _FILE_MAGIC = b"CTXSPL1\n"
@@ -48,12 +56,14 @@ _REC_HEAD = struct.Struct("<4sIIQI")
 _REC_FIELDS = struct.Struct("<IIQ")
 
 _SEGMENT_RE = re.compile(r"^seg-(\d{20})-(\d+)-([0-9a-f]{8})-(\d+)\.ctxs$")
-_LEASE_RE = re.compile(r"^(seg-(\d{20})-\d+-[0-9a-f]{8}-(\d+)\.ctxs)\.lease-(\d+)-([0-9a-f]{8})-(\d+)$")
+_LEASE_RE = re.compile(r"^(seg-(\d{20})-\d+-[0-9a-f]{8}-(\d+)\.ctxs)\.lease-[0-9a-f-]+$")
 _TMP_RE = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}$")
 _EVENTS = "events"
 _DEFAULT_MAX_BYTES = 64 * 2**20
 _DEFAULT_MAX_AGE = 7 * 86400.0
 _EVENTS_MAX = 1 << 20
+# A writer creates its temp file, then locks it: an unlocked one younger than this may be in between.
+_TMP_GRACE = 60.0
 
 # getattr: these flags are POSIX-only; elsewhere the spool opens memory-only instead of failing to import.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -116,11 +126,13 @@ class SpoolStatus:
     rejected: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Handle:
     pending: str
     lease: str
     spans: int
+    fd: int  # holds the lease's lock until ack() or release()
+    pid: int  # a handle inherited through fork() is not the child's to settle
 
 
 class _Refused(Exception):
@@ -183,44 +195,6 @@ def _env_number(name: str, default: float) -> float:
     return default
 
 
-def _boot_tag() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip().replace("-", "")[:8].ljust(8, "0")
-    except OSError:
-        return "00000000"
-
-
-def _start_time(pid: int) -> Optional[tuple[str, int]]:
-    """(state, start time in clock ticks since boot) of ``pid`` from /proc, or None where there is none."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-_BOOT = _boot_tag()
-
-
-def _owner_alive(pid: int, boot: str, start: int) -> bool:
-    if boot != _BOOT and "00000000" not in (boot, _BOOT):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    info = _start_time(pid)
-    if info is None:
-        return True
-    state, started = info
-    # A zombie holds no lease; a different start time means the pid was reused by another process.
-    return state not in ("Z", "X") and start in (0, started)
-
-
 def _check_parent(path: Path) -> None:
     """Whoever controls the parent can swap the spool directory: only this user or root may."""
     st = os.stat(path.parent)
@@ -231,6 +205,8 @@ def _check_parent(path: Path) -> None:
 
 
 def _open_private_dir(path: Path) -> int:
+    if fcntl is None:
+        raise _Refused("file locks (fcntl) are not available on this platform")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_parent(path)
     with contextlib.suppress(FileExistsError):
@@ -283,8 +259,7 @@ class Spool:
         self._lock = threading.Lock()
         self._memory: deque[tuple[bytes, int, int]] = deque()
         self._memory_bytes = 0
-        self._token_pid = -1
-        self._token = ""
+        self._held: set[int] = set()  # descriptors holding the locks of this process's write-ahead leases
         _open_spools.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -293,6 +268,12 @@ class Spool:
         self._lock = threading.Lock()
         self._memory = deque()
         self._memory_bytes = 0
+        # Copies of the parent's lease locks: closing them here leaves the parent's locks in place, and
+        # keeps a parent that dies first from looking alive through this child.
+        for fd in self._held:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._held = set()
 
     @classmethod
     def open(
@@ -367,9 +348,11 @@ class Spool:
         try:
             created = time.time_ns()
             pending = self._new_name(created, span_count)
-            lease = f"{pending}.lease-{self._owner_token()}"
-            self._write_file(lease, _segment(payload, span_count, created), sync=self.fsync, direct=True)
-            return _Handle(pending, lease, span_count)
+            lease = f"{pending}.lease-{os.getpid()}"
+            fd = self._write_file(lease, _segment(payload, span_count, created), sync=self.fsync, keep=True)
+            with self._lock:
+                self._held.add(fd)
+            return _Handle(pending, lease, span_count, fd, os.getpid())
         except OSError as exc:
             self._degrade(f"cannot write to {self.directory}: {exc}")
         except Exception:  # noqa: BLE001, S110 - never raise into the worker; the caller exports anyway
@@ -378,21 +361,41 @@ class Spool:
 
     def ack(self, handle: object) -> None:
         """The batch written ahead under ``handle`` was delivered: forget it."""
-        if isinstance(handle, _Handle) and self._fd is not None:
+        fd = self._settle(handle)
+        if fd is not None:
+            assert isinstance(handle, _Handle)  # noqa: S101 - _settle checked it
             with contextlib.suppress(OSError):
                 os.unlink(handle.lease, dir_fd=self._fd)
+            os.close(fd)
 
     def release(self, handle: object) -> None:
         """The export of the batch written ahead under ``handle`` failed: it becomes a pending record."""
-        if not (isinstance(handle, _Handle) and self._fd is not None):
+        fd = self._settle(handle)
+        if fd is None:
             return
+        assert isinstance(handle, _Handle)  # noqa: S101 - _settle checked it
         try:
             os.rename(handle.lease, handle.pending, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         except OSError:
             return
+        finally:
+            os.close(fd)
         _stats.incr("spool_written_spans", handle.spans)
         with contextlib.suppress(Exception):
             self._enforce_bounds()
+
+    def _settle(self, handle: object) -> Optional[int]:
+        """The descriptor holding ``handle``'s lock, taken out of this spool's care; None when ``handle`` is
+        not a live write-ahead handle of this process (unknown, settled already, or from before a fork)."""
+        if not isinstance(handle, _Handle) or handle.pid != os.getpid() or self._fd is None:
+            return None
+        with self._lock:
+            fd = handle.fd
+            if fd not in self._held:
+                return None
+            self._held.discard(fd)
+            handle.fd = -1  # a second ack/release must not close a descriptor number reused since
+        return fd
 
     # -- sending -------------------------------------------------------------------------------------
 
@@ -419,12 +422,18 @@ class Spool:
                 for name in self._pending():
                     if time.monotonic() >= deadline:
                         break
-                    lease = f"{name}.lease-{self._owner_token()}"
+                    fd = self._lock_file(name)
+                    if fd is None:
+                        continue  # gone, or another replay (here or in another process) holds it
                     try:
-                        os.rename(name, lease, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-                    except FileNotFoundError:
-                        continue  # another replay, here or in another process, took it first
-                    sent, ok = self._send_segment(name, lease, send, deadline, progress)
+                        lease = f"{name}.lease-{os.getpid()}"
+                        try:
+                            os.rename(name, lease, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                        except FileNotFoundError:
+                            continue  # another replay took it between the listing and the lock
+                        sent, ok = self._send_segment(name, lease, fd, send, deadline, progress)
+                    finally:
+                        os.close(fd)
                     delivered += sent
                     if not ok:
                         break
@@ -435,7 +444,7 @@ class Spool:
         return delivered
 
     def has_pending(self) -> bool:
-        """Whether anything waits to be sent (at most one directory listing)."""
+        """Whether anything waits to be sent (a directory listing, and a lock probe per lease)."""
         if self._memory:
             return True
         if self._fd is None:
@@ -444,8 +453,7 @@ class Spool:
             for name in os.listdir(self._fd):
                 if _SEGMENT_RE.match(name):
                     return True
-                m = _LEASE_RE.match(name)
-                if m and not self._lease_live(m):
+                if _LEASE_RE.match(name) and not self._held_elsewhere(name):
                     return True
         except OSError:
             return False
@@ -500,23 +508,31 @@ class Spool:
         with contextlib.suppress(OSError):
             self._recover_leases()
             for name in self._pending():
-                lease = f"{name}.lease-{self._owner_token()}"
+                fd = self._lock_file(name)
+                if fd is None:
+                    continue  # being sent by a replay right now
                 try:
-                    os.rename(name, lease, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-                    os.unlink(lease, dir_fd=self._fd)
+                    os.unlink(name, dir_fd=self._fd)
+                    removed += _spans_of(name)
                 except FileNotFoundError:
-                    continue
-                removed += _spans_of(name)
+                    pass
+                finally:
+                    os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(_EVENTS, dir_fd=self._fd)
         return removed
 
     def close(self) -> None:
-        """Release the directory descriptor (the spool is memory-only afterwards)."""
+        """Release the directory descriptor (the spool is memory-only afterwards).
+
+        Write-ahead batches not yet acknowledged stay on disk, for the next replay to send.
+        """
+        with self._lock:
+            held, self._held = self._held, set()
         fd, self._fd, self._writable = self._fd, None, False
-        if fd is not None:
+        for f in (*held, *([] if fd is None else [fd])):
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.close(f)
 
     def __enter__(self) -> Spool:
         return self
@@ -544,47 +560,47 @@ class Spool:
                 stacklevel=2,
             )
 
-    def _owner_token(self) -> str:
-        pid = os.getpid()
-        if pid != self._token_pid:
-            # Recomputed after fork(): a child must not hold leases in its parent's name.
-            info = _start_time(pid)
-            self._token = f"{pid}-{_BOOT}-{info[1] if info else 0}"
-            self._token_pid = pid
-        return self._token
-
     def _new_name(self, created: int, span_count: int) -> str:
         return f"seg-{created:020d}-{os.getpid()}-{secrets.token_hex(4)}-{span_count}.ctxs"
 
-    def _write_file(self, name: str, data: bytes, *, sync: bool, direct: bool = False) -> None:
-        """Write the segment ``data`` to ``name``, through a temp name renamed when complete.
+    def _write_file(self, name: str, data: bytes, *, sync: bool, keep: bool = False) -> int:
+        """Write the segment ``data`` to ``name``, through a locked temp file renamed when complete.
 
-        ``sync`` makes the data and the new directory entry reach the disk before this returns.
-        ``direct`` writes ``name`` itself: for a lease, which no replay reads while its owner lives, and
-        where a write torn by a crash is only a skipped record; it saves a rename per durable batch.
+        ``sync`` makes the data and the new directory entry reach the disk before this returns. ``keep``
+        returns the descriptor still holding the lock (a lease: locked before its name exists, so nobody
+        ever sees it unlocked while this process lives); otherwise it is closed and -1 returned.
         """
         assert self._fd is not None  # noqa: S101 - callers check _writable, which implies a descriptor
-        target = name if direct else f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
+        tmp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
         try:
+            # Blocking, yet brief: besides this writer, only a housekeeping probe can hold the lock of a
+            # temp file, for a stat at most.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
             if sync:
                 # fdatasync: the data and the size needed to read it back, without the mtime.
                 getattr(os, "fdatasync", os.fsync)(fd)
+            os.rename(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(target, dir_fd=self._fd)
+                os.unlink(tmp, dir_fd=self._fd)
             raise
+        try:
+            if sync:
+                # A new name is durable only once its directory is: without this, a power cut can keep
+                # the data and lose the entry that leads to it.
+                os.fsync(self._fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if keep:
+            return fd
         os.close(fd)
-        if not direct:
-            os.rename(target, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-        if sync:
-            # A new name is durable only once its directory is: without this, a power cut can keep the
-            # data and lose the entry that leads to it.
-            os.fsync(self._fd)
+        return -1
 
     def _memory_append(self, payload: bytes, span_count: int, created: int) -> None:
         with self._lock:
@@ -628,29 +644,50 @@ class Spool:
         except OSError:
             return None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                return None
-            chunks = []
-            while True:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return _read_own_file(fd)
         finally:
             os.close(fd)
+
+    def _lock_file(self, name: str) -> Optional[int]:
+        """A descriptor of ``name`` holding its exclusive lock; None when it is gone or someone holds it.
+
+        A symbolic link planted under a spool name is removed, never followed.
+        """
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        try:
+            fd = os.open(name, os.O_RDONLY | _NONBLOCK | _NOFOLLOW, dir_fd=self._fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self._fd)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _held_elsewhere(self, name: str) -> bool:
+        """Whether a live process (this one included) holds ``name`` locked, or it is gone."""
+        fd = self._lock_file(name)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
 
     def _send_segment(
         self,
         name: str,
         lease: str,
+        fd: int,
         send: Callable[[bytes, float], object],
         deadline: float,
         progress: Optional[Callable[[int], None]],
     ) -> tuple[int, bool]:
+        """Send the records of the segment leased as ``lease`` and read through ``fd`` (holding its lock)."""
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
-        data = self._read_segment(lease)
+        data = _read_own_file(fd)
         if data is None:
             # Not a regular file of ours (planted): never send it, never keep it.
             with contextlib.suppress(OSError):
@@ -692,19 +729,16 @@ class Spool:
         # Part of the segment was delivered: only the rest goes back, so nothing is sent twice. The rest
         # replaces the lease in one rename first, so a crash at any point leaves one copy of it, never two.
         data = _FILE_MAGIC + b"".join(_encode_record(p, n, c) for p, n, c in rest)
-        self._write_file(lease, data, sync=self.fsync)
-        new_name = self._new_name(rest[0][2], sum(r[1] for r in rest))
-        os.rename(lease, new_name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        fd = self._write_file(lease, data, sync=self.fsync, keep=True)
+        try:
+            new_name = self._new_name(rest[0][2], sum(r[1] for r in rest))
+            os.rename(lease, new_name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        finally:
+            os.close(fd)
 
     def _pending(self) -> list[str]:
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
         return sorted(n for n in os.listdir(self._fd) if _SEGMENT_RE.match(n))
-
-    def _lease_live(self, m: re.Match[str]) -> bool:
-        pid, boot, start = int(m.group(4)), m.group(5), int(m.group(6))
-        if pid == os.getpid():
-            return m.group(0).endswith(self._owner_token())
-        return _owner_alive(pid, boot, start)
 
     def _entries(self) -> Iterator[tuple[str, int, int, int, bool]]:
         """(name, created_ns, spans, bytes, leased by a live process) of every segment and lease."""
@@ -721,21 +755,28 @@ class Spool:
             if m:
                 yield name, int(m.group(1)), int(m.group(4)), nbytes, False
             elif lm:
-                yield name, int(lm.group(2)), int(lm.group(3)), nbytes, self._lease_live(lm)
+                yield name, int(lm.group(2)), int(lm.group(3)), nbytes, self._held_elsewhere(name)
 
     def _recover_leases(self) -> None:
-        """Leases (and temp files) whose owner is gone: leases go back to pending, temp files go."""
+        """Leases and temp files nobody holds locked (their owner died): leases go back to pending, temp
+        files past the grace period go."""
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
         for name in os.listdir(self._fd):
             lm = _LEASE_RE.match(name)
-            if lm and not self._lease_live(lm):
-                with contextlib.suppress(OSError):
-                    os.rename(name, lm.group(1), src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            if not (lm or _TMP_RE.match(name)):
                 continue
-            tm = _TMP_RE.match(name)
-            if tm and not _owner_alive(int(tm.group(1)), _BOOT, 0):
-                with contextlib.suppress(OSError):
+            fd = self._lock_file(name)
+            if fd is None:
+                continue
+            try:
+                if lm:
+                    os.rename(name, lm.group(1), src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                elif time.time() - os.fstat(fd).st_mtime > _TMP_GRACE:
                     os.unlink(name, dir_fd=self._fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _housekeeping(self) -> None:
         with contextlib.suppress(Exception):
@@ -838,6 +879,20 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _read_own_file(fd: int) -> Optional[bytes]:
+    """The content of ``fd``; None unless it is a regular file of this user (never send a planted one)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return None
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _spans_of(name: str) -> int:

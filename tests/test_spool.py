@@ -19,7 +19,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import OTLPReceiver, receiver  # noqa: F401
+from support import OTLPReceiver, child_env, receiver  # noqa: F401
 
 from ctxprop import _spool, _stats
 from ctxprop._receiver import decode_request
@@ -241,7 +241,7 @@ def test_a_segment_gone_since_the_listing_does_not_cost_a_newer_one(tmp_path: Pa
         spool.append(bytes([i]) * 1000, 1)
     listing = sorted(spool._entries())
     oldest = listing[0][0]
-    os.rename(tmp_path / oldest, tmp_path / f"{oldest}.lease-{os.getpid()}-{_spool._BOOT}-0")
+    os.rename(tmp_path / oldest, tmp_path / f"{oldest}.lease-{os.getpid()}")
     spool.max_bytes = sum(e[3] for e in listing) - 1  # over the cap by less than one segment
     spool._drop_over_caps(listing)
     assert len(segments(tmp_path)) == 3
@@ -402,54 +402,92 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_lease_of_a_dead_process_is_recovered(tmp_path: Path) -> None:
-    """A lease whose owner pid is gone goes back to pending and is sent by the next replay."""
-    spool = Spool.open(tmp_path)
-    handle = spool.write_ahead(b"orphan", 5)
-    assert isinstance(handle, _spool._Handle)
-    pid = dead_pid()
-    orphan = handle.pending + f".lease-{pid}-{_spool._BOOT}-0"
-    os.rename(tmp_path / handle.lease, tmp_path / orphan)
-    assert spool.has_pending()
-    sent = Collect()
-    assert spool.replay(sent, FAR) == 5
-    assert sent.payloads == [b"orphan"]
+HOLDER = """
+import os, sys
+from ctxprop._spool import Spool
+spool = Spool.open(sys.argv[1])
+spool.write_ahead(b"held", 5)
+print("holding", flush=True)
+sys.stdin.readline()
+os._exit(0)   # gone without ack or release, as a killed process
+"""
 
 
-def test_lease_behind_a_reused_pid_is_recovered(tmp_path: Path) -> None:
-    """A lease naming a live pid with another start time (pid reused) is recovered too."""
-    spool = Spool.open(tmp_path)
-    handle = spool.write_ahead(b"reused", 2)
-    assert isinstance(handle, _spool._Handle)
-    live_pid = os.getppid()
-    info = _spool._start_time(live_pid)
-    if info is None:
-        pytest.skip("no /proc start times on this platform")
-    reused = handle.pending + f".lease-{live_pid}-{_spool._BOOT}-{info[1] + 1}"
-    os.rename(tmp_path / handle.lease, tmp_path / reused)
-    sent = Collect()
-    assert spool.replay(sent, FAR) == 2
-
-
-def test_lease_of_a_live_process_is_left_alone(tmp_path: Path) -> None:
-    """A lease held by another running process is neither sent nor counted as pending."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+def test_lease_of_a_live_process_is_left_alone_and_recovered_once_it_is_gone(tmp_path: Path) -> None:
+    """A lease another running process holds is neither sent nor pending; when that process dies
+    without settling it, the next replay sends it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
     try:
-        info = _spool._start_time(proc.pid)
-        start = info[1] if info else 0
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout.readline().strip() == "holding"
         spool = Spool.open(tmp_path)
-        handle = spool.write_ahead(b"busy", 3)
-        assert isinstance(handle, _spool._Handle)
-        busy = handle.pending + f".lease-{proc.pid}-{_spool._BOOT}-{start}"
-        os.rename(tmp_path / handle.lease, tmp_path / busy)
         assert not spool.has_pending()
         assert spool.replay(Collect(), FAR) == 0
         assert spool.status().leased == 1
+        proc.communicate("go\n", timeout=60)
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait()
-    assert Spool.open(tmp_path).replay(Collect(), FAR) == 3
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    spool = Spool.open(tmp_path)
+    assert spool.has_pending()
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 5
+    assert sent.payloads == [b"held"]
+
+
+def test_a_lease_is_judged_by_its_lock_not_by_the_pid_in_its_name(tmp_path: Path) -> None:
+    """A lease nobody holds locked is recovered even when its name shows a live pid (this one: a pid
+    reused, or one seen from another pid namespace); a lease this process holds stays leased."""
+    spool = Spool.open(tmp_path)
+    held = spool.write_ahead(b"mine", 2)
+    assert isinstance(held, _spool._Handle)
+    write_raw_segment(tmp_path, [(b"orphan", 3)])
+    (orphan,) = segments(tmp_path)
+    os.rename(tmp_path / orphan, tmp_path / f"{orphan}.lease-{os.getpid()}")
+    assert spool.has_pending()
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 3
+    assert sent.payloads == [b"orphan"]
+    assert spool.status().leased == 1
+    spool.ack(held)
+    assert files(tmp_path) == []
+
+
+def test_settling_a_handle_twice_or_after_fork_does_nothing(tmp_path: Path) -> None:
+    """ack/release of a handle already settled, or inherited through fork(), touch nothing: no other
+    batch's lease is removed or unlocked."""
+    spool = Spool.open(tmp_path)
+    first = spool.write_ahead(b"first", 1)
+    spool.ack(first)
+    second = spool.write_ahead(b"second", 1)  # may reuse the first one's descriptor number
+    spool.ack(first)
+    spool.release(first)
+    assert spool.status().leased == 1
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe and leaves at once
+        spool.ack(second)
+        spool.release(second)
+        os.write(write_end, b"done")
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as r:
+        assert r.read() == b"done"
+    os.waitpid(pid, 0)
+    assert spool.status().leased == 1
+    assert not spool.has_pending()
+    spool.release(second)
+    sent = Collect()
+    assert spool.replay(sent, FAR) == 1
+    assert sent.payloads == [b"second"]
 
 
 def test_concurrent_replays_in_threads_send_each_segment_once(tmp_path: Path) -> None:
@@ -475,10 +513,16 @@ def test_concurrent_replays_in_threads_send_each_segment_once(tmp_path: Path) ->
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
-    """An incomplete temp segment left by a dead process is cleaned up, never sent."""
-    (tmp_path / f".tmp-{dead_pid()}-0000abcd").write_bytes(b"half a segment")
+    """An incomplete temp segment nobody holds, past the grace period, is cleaned up, never sent; a
+    fresh one (its writer may be about to lock it) is left alone."""
+    stale = tmp_path / f".tmp-{dead_pid()}-0000abcd"
+    stale.write_bytes(b"half a segment")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    fresh = tmp_path / f".tmp-{dead_pid()}-0000abce"
+    fresh.write_bytes(b"being written")
     spool = Spool.open(tmp_path)
-    assert files(tmp_path) == []
+    assert files(tmp_path) == [fresh.name]
     assert spool.replay(Collect(), FAR) == 0
 
 

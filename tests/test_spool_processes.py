@@ -216,6 +216,55 @@ print("not reached", flush=True)
     assert sorted(first + [p.decode() for p in later.payloads]) == ["r0", "r1", "r2", "r3"]
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a pid namespace"
+)
+def test_lease_held_from_another_pid_namespace_is_never_taken_over(tmp_path: Path) -> None:
+    """A process in its own pid namespace (a container sharing the spool volume) holds a durable lease:
+    a replay here never sends it, whatever its pid means here; once that process is gone, it is recovered."""
+    spool_dir = tmp_path / "spool"
+    Spool.open(spool_dir).close()
+    script = tmp_path / "holder.py"
+    script.write_text(
+        f"""
+import os, sys
+from ctxprop._spool import Spool
+spool = Spool.open({str(spool_dir)!r})
+handle = spool.write_ahead(b"in flight", 3)
+print("holding", os.getpid(), handle is not None, flush=True)
+sys.stdin.readline()
+os._exit(0)   # gone without ack or release, as a killed process
+"""
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        line = proc.stdout.readline().split()
+        if line[:1] != ["holding"]:
+            pytest.skip(f"cannot start a process in a new pid namespace: {proc.communicate(timeout=30)}")
+        assert line[1:] == ["1", "True"]
+        here = Spool.open(spool_dir)
+        early = Collect()
+        assert here.replay(early, float("inf")) == 0
+        assert early.payloads == []
+        assert not here.has_pending()
+        assert here.status().leased == 1
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    later = Collect()
+    assert Spool.open(spool_dir).replay(later, float("inf")) == 3
+    assert later.payloads == [b"in flight"]
+
+
 def test_corrupted_byte_on_disk_loses_only_that_record_in_the_next_process(
     tmp_path: Path,
     receiver: OTLPReceiver,  # noqa: F811
@@ -343,7 +392,9 @@ os.write(1, b"END\\n")
 """
     calls = strace_between_markers(tmp_path, body.format(sync=True))
     syncs = [c.split("(")[0] + "(" + c.split("(")[1].split(")")[0] + ")" for c in calls if "sync(" in c]
-    (opened,) = [c for c in calls if "openat(" in c and ".lease-" in c]
+    (opened,) = [c for c in calls if "openat(" in c and ".tmp-" in c]
+    renamed = next(i for i, c in enumerate(calls) if "rename" in c and ".lease-" in c)
+    assert "fsync(" in calls[renamed + 1], calls  # the directory is synced after the entry is made
     file_fd = opened.rsplit("=", 1)[1].strip()
     dir_fd = opened.split("openat(")[1].split(",")[0]
     assert syncs == [f"fdatasync({file_fd})", f"fsync({dir_fd})"], calls
