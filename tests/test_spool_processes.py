@@ -298,6 +298,44 @@ print(json.dumps({{"sent": sent, "stats": ctxprop.stats(), "corrupt": spool.stat
     assert not any(n.startswith("s-4-") for n in names)
 
 
+def test_concurrent_appenders_in_several_processes_keep_the_cap_and_count_every_drop(tmp_path: Path) -> None:
+    """Three processes appending to one small spool at once: the cap holds at the end, and every span
+    appended is either still there or counted once as dropped (in the shared event log)."""
+    spool_dir = tmp_path / "spool"
+    Spool.open(spool_dir).close()
+    code = f"""
+import sys
+from ctxprop._spool import Spool
+spool = Spool.open({str(spool_dir)!r}, max_bytes=20000)
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(60):
+    spool.append(bytes([i]) * 1000, 2)
+print("done", flush=True)
+"""
+    children = [start_child(code) for _ in range(3)]
+    try:
+        for proc, _path in children:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+        for proc, _path in children:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outs = [proc.communicate(timeout=60) for proc, _path in children]
+    finally:
+        for proc, path in children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            os.unlink(path)
+    assert all(out.strip() == "done" for out, _err in outs), outs
+    st = Spool.open(spool_dir, max_bytes=20000).status()
+    assert st.bytes <= 20000
+    assert st.spans + st.dropped == 3 * 60 * 2
+    assert st.segments >= 20000 // 1100  # the cap is used, not emptied by drops made twice
+
+
 def test_full_disk_degrades_to_memory_with_one_warning_and_no_exception(tmp_path: Path) -> None:
     """A write that fails (file size limit, as on a full disk) gives one warning; the app sees no error."""
     result = run_child(
