@@ -22,7 +22,7 @@ import wrapt
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import child_env
+from support import child_env, run_child
 
 import ctxprop
 from ctxprop import _capture
@@ -514,3 +514,68 @@ def test_concurrent_futures_wait_sees_instrumented_futures() -> None:
         done, _ = concurrent.futures.wait(futs, timeout=30)
         assert len(done) == 4
         assert all(f.result() == {"n": 1} for f in concurrent.futures.as_completed(futs))
+
+
+def test_cancelled_timer_never_runs_its_function() -> None:
+    """Under instrument(), Timer.cancel() still stops the timer before its function runs."""
+    ctxprop.instrument()
+    fired = threading.Event()
+    timer = threading.Timer(120.0, fired.set)
+    timer.start()
+    timer.cancel()
+    timer.join(timeout=30)
+    assert not timer.is_alive()
+    assert not fired.is_set()
+
+
+def test_thread_subclass_overriding_start_still_propagates() -> None:
+    """A Thread subclass whose start() does its own work then calls super().start() runs in the
+    starter's context, and its own start() code ran."""
+    ctxprop.instrument()
+
+    class Tracked(threading.Thread):
+        def start(self) -> None:
+            self.started_from = REQUEST_ID.get()
+            super().start()
+
+        def run(self) -> None:
+            self.seen = REQUEST_ID.get()
+
+    token = REQUEST_ID.set("starter")
+    try:
+        t = Tracked()
+        t.start()
+        t.join(timeout=30)
+    finally:
+        REQUEST_ID.reset(token)
+    assert (t.started_from, t.seen) == ("starter", "starter")
+
+
+AT_EXIT_CHILD = """
+import atexit, contextvars, json, threading
+import ctxprop
+V = contextvars.ContextVar("v", default="-")
+ctxprop.instrument()
+V.set("main")
+
+def at_exit():
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(V.get()))
+    t.start()
+    t.join(30)
+    print(json.dumps({"atexit_thread_saw": seen}), flush=True)
+
+atexit.register(at_exit)
+parked = threading.Event()
+threading.Thread(target=parked.wait, daemon=True).start()  # a daemon still running at exit
+print(json.dumps({"started": True}), flush=True)
+"""
+
+
+def test_threads_at_interpreter_exit_under_instrument() -> None:
+    """A thread started from an atexit handler still propagates, and a daemon thread still running at
+    exit does not hold the process: exit status 0, nothing on stderr."""
+    result = run_child(AT_EXIT_CHILD, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.json_lines == [{"started": True}, {"atexit_thread_saw": ["main"]}]
