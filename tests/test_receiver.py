@@ -228,8 +228,10 @@ def test_client_hanging_up_before_the_answer_is_silent(capfd: pytest.CaptureFixt
         s = socket.create_connection(("127.0.0.1", rx.port), timeout=10)
         head = f"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         s.sendall(head + body)
-        while rx.requests == 0:
+        deadline = time.monotonic() + 20
+        while rx.requests == 0 and time.monotonic() < deadline:
             threading.Event().wait(0.01)
+        assert rx.requests == 1
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
         s.close()
         assert rx.wait_for_spans(1, 10)  # the answer was attempted after the hang-up
