@@ -224,6 +224,9 @@ class ContextAwareProcessPoolExecutor(ProcessPoolExecutor):
         initargs: tuple[Any, ...] = (),
         **kwargs: Any,
     ) -> None:
+        if initializer is not None and not callable(initializer):
+            # As the stdlib does, at construction: wrapped in ours, it would only fail in each worker.
+            raise TypeError("initializer must be a callable")
         super().__init__(max_workers, mp_context, _worker_initializer, (initializer, initargs), **kwargs)
         self._ctxprop_fed = threading.Event()
 

@@ -483,3 +483,11 @@ def test_max_tasks_per_child_replaces_workers_that_still_get_the_context(
     tasks = [s for s in exporter.get_finished_spans() if s.name.startswith("task-")]
     assert sorted(s.name for s in tasks) == [f"task-{n}" for n in range(4)]
     assert {s.parent.span_id for s in tasks if s.parent} == {parent.get_span_context().span_id}
+
+
+def test_non_callable_initializer_rejected_at_construction() -> None:
+    """A non-callable initializer raises TypeError at construction, as the stdlib pool does."""
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        ProcessPoolExecutor(initializer=42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        ctxprop.ContextAwareProcessPoolExecutor(initializer=42)  # type: ignore[arg-type]
