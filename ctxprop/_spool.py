@@ -427,10 +427,12 @@ class Spool:
                         continue  # gone, or another replay (here or in another process) holds it
                     try:
                         lease = f"{name}.lease-{os.getpid()}"
+                        if not self._same_file(name, fd):
+                            continue  # another replay took it between our open and our lock
                         try:
                             os.rename(name, lease, src_dir_fd=self._fd, dst_dir_fd=self._fd)
                         except FileNotFoundError:
-                            continue  # another replay took it between the listing and the lock
+                            continue
                         sent, ok = self._send_segment(name, lease, fd, send, deadline, progress)
                     finally:
                         os.close(fd)
@@ -668,6 +670,15 @@ class Spool:
             return None
         return fd
 
+    def _same_file(self, name: str, fd: int) -> bool:
+        """Whether ``name`` still names the file open as ``fd`` (it may have moved while we waited)."""
+        try:
+            st = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        except OSError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
     def _held_elsewhere(self, name: str) -> bool:
         """Whether a live process (this one included) holds ``name`` locked, or it is gone."""
         fd = self._lock_file(name)
@@ -770,7 +781,8 @@ class Spool:
                 continue
             try:
                 if lm:
-                    os.rename(name, lm.group(1), src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                    if self._same_file(name, fd):  # not a file that took the name since we opened it
+                        os.rename(name, lm.group(1), src_dir_fd=self._fd, dst_dir_fd=self._fd)
                 elif time.time() - os.fstat(fd).st_mtime > _TMP_GRACE:
                     os.unlink(name, dir_fd=self._fd)
             except OSError:
