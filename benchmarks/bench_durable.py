@@ -14,24 +14,26 @@ process's GIL. The spool lives in a temporary directory on the same file system 
 
     python benchmarks/bench_durable.py            # full run
     python benchmarks/bench_durable.py --quick    # < 20 s
+    python benchmarks/bench_durable.py --smoke    # a few seconds: checks the script still works
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from opentelemetry.trace import Tracer
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# The same loopback collector process as the pipeline benchmark (this directory is on sys.path).
+from bench_pipeline import Collector  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
@@ -44,64 +46,21 @@ from ctxprop._spool import Spool  # noqa: E402
 TARGET = 1.3
 BATCH = 512
 
-RECEIVER = """
-import sys
-from ctxprop._receiver import OTLPReceiver
-rx = OTLPReceiver(keep_spans=False).start()
-print(rx.port, flush=True)
-sys.stdin.read()
-rx.stop()
-"""
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-class Collector:
-    """The loopback receiver in its own process, watched through GET /stats."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter running our own receiver
-            [sys.executable, "-c", RECEIVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=str(REPO),
-            env=_env(),
-        )
-        if self.proc.stdout is None:
-            raise SystemExit("the collector process has no stdout")
-        self.port = int(self.proc.stdout.readline())
-        self.endpoint = f"http://127.0.0.1:{self.port}/v1/traces"
-        self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-
-    def spans(self) -> int:
-        self._conn.request("GET", "/stats")
-        return int(json.loads(self._conn.getresponse().read())["spans"])
-
-    def wait_for(self, n: int, timeout: float = 120) -> float:
-        deadline = time.perf_counter() + timeout
-        while True:
-            now = time.perf_counter()
-            if self.spans() >= n or now > deadline:
-                return now
-            time.sleep(0.002)
-
-    def close(self) -> None:
-        self._conn.close()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 MODES = {
     "durable=False": (False, True),
     "durable=True (fdatasync per batch)": (True, True),
     "durable=True, CTXPROP_SPOOL_FSYNC=0": (True, False),
 }
+
+
+def make_spans(tracer: Tracer, n: int) -> None:
+    """``n`` spans as an application makes them: start, 3 attributes, end."""
+    for i in range(n):
+        span = tracer.start_span("op")
+        span.set_attribute("i", i)
+        span.set_attribute("route", "/items/{id}")
+        span.set_attribute("ok", True)
+        span.end()
 
 
 def one_round(mode: str, collector: Collector, spool_dir: str, n: int) -> tuple[float, float, float]:
@@ -121,12 +80,7 @@ def one_round(mode: str, collector: Collector, spool_dir: str, n: int) -> tuple[
     base = collector.spans()
     c0 = time.process_time()
     t0 = time.perf_counter()
-    for i in range(n):
-        span = tracer.start_span("op")
-        span.set_attribute("i", i)
-        span.set_attribute("route", "/items/{id}")
-        span.set_attribute("ok", True)
-        span.end()
+    make_spans(tracer, n)
     t1 = time.perf_counter()
     provider.force_flush(120_000)
     t2 = collector.wait_for(base + n)
@@ -144,13 +98,7 @@ def write_ahead_cost(spool_dir: str, repeats: int) -> float:
     exporter = InMemorySpanExporter()
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("bench")
-    for i in range(BATCH):
-        span = tracer.start_span("op")
-        span.set_attribute("i", i)
-        span.set_attribute("route", "/items/{id}")
-        span.set_attribute("ok", True)
-        span.end()
+    make_spans(provider.get_tracer("bench"), BATCH)
     payload = encode_spans(exporter.get_finished_spans()).SerializeToString()
     spool = Spool.open(spool_dir)
     times = []
@@ -165,11 +113,12 @@ def write_ahead_cost(spool_dir: str, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer spans and rounds (< 20 s)")
+    ap.add_argument("--smoke", action="store_true", help="one tiny round: checks the script works")
     ap.add_argument("--spans", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     args = ap.parse_args()
-    n = args.spans or (10_000 if args.quick else 40_000)
-    rounds = args.rounds or (3 if args.quick else 7)
+    n = args.spans or (1_000 if args.smoke else 10_000 if args.quick else 40_000)
+    rounds = args.rounds or (1 if args.smoke else 3 if args.quick else 7)
     quiet_official_loggers()
 
     results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in MODES}
@@ -177,14 +126,15 @@ def main() -> None:
         spool_dir = os.path.join(tmp, "spool")
         collector = Collector()
         try:
-            one_round("durable=True (fdatasync per batch)", collector, spool_dir, 2000)  # warm up
+            if not args.smoke:
+                one_round("durable=True (fdatasync per batch)", collector, spool_dir, 2000)  # warm up
             for r in range(rounds):
                 order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
                 for mode in order:  # interleaved, so drift in machine load hits every mode alike
                     results[mode].append(one_round(mode, collector, spool_dir, n))
         finally:
             collector.close()
-        per_batch = write_ahead_cost(spool_dir, 30 if args.quick else 100)
+        per_batch = write_ahead_cost(spool_dir, 3 if args.smoke else 30 if args.quick else 100)
 
     plain = "durable=False"
     print(f"{n} spans x {rounds} rounds, interleaved; medians; batches of {BATCH}")

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import OTLPReceiver, child_env, receiver, run_child  # noqa: F401
+from support import REPO, OTLPReceiver, child_env, receiver, run_child  # noqa: F401
 from test_spool import Collect, write_raw_segment
 
 from ctxprop._spool import Spool
@@ -757,3 +757,17 @@ os._exit(0)
             proc.wait()
         os.unlink(path)
     assert during < 30, f"{during} requests in 1 s to a collector answering 503"
+
+
+def test_durable_benchmark_runs_to_its_verdict() -> None:
+    """benchmarks/bench_durable.py --smoke runs to its verdict line, so the benchmark keeps working."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_durable.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "durable (default) vs non-durable, end-to-end cost per span:" in done.stdout
