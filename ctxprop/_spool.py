@@ -64,6 +64,10 @@ _DEFAULT_MAX_AGE = 7 * 86400.0
 _EVENTS_MAX = 1 << 20
 # A writer creates its temp file, then locks it: an unlocked one younger than this may be in between.
 _TMP_GRACE = 60.0
+# Each write-ahead batch in flight holds a descriptor (its lease's lock). Tiny batches piling up behind a
+# collector that says "retry later" must not take the application's descriptors: past this many, a
+# batch is exported without a write-ahead copy (counted), and spooled as usual if its export fails.
+_MAX_HELD = 128
 
 # getattr: these flags are POSIX-only; elsewhere the spool opens memory-only instead of failing to import.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -341,9 +345,13 @@ class Spool:
         The record is leased by this process while its export runs, so no replay sends it meanwhile;
         ``ack(handle)`` removes it, ``release(handle)`` makes it pending. If the process dies first, the
         lease is recovered and the next ``replay()`` (of any process) sends it. None means it could not be
-        written (memory-only spool): export it anyway and ``append`` it if that fails.
+        written (memory-only spool, or too many batches in flight): export it anyway and ``append`` it if
+        that fails.
         """
         if not self._writable:
+            return None
+        if len(self._held) >= _MAX_HELD:
+            _stats.incr("spool_write_ahead_skipped_spans", span_count)
             return None
         try:
             created = time.time_ns()

@@ -461,6 +461,21 @@ def test_a_lease_is_judged_by_its_lock_not_by_the_pid_in_its_name(tmp_path: Path
     assert files(tmp_path) == []
 
 
+def test_write_ahead_holds_a_bounded_number_of_descriptors(tmp_path: Path) -> None:
+    """Batches written ahead and not yet settled hold one descriptor each, up to a bound; past it a
+    batch is not written ahead (counted), and settling one makes room again."""
+    spool = Spool.open(tmp_path)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    handles = [spool.write_ahead(b"x", 1) for _ in range(_spool._MAX_HELD)]
+    assert None not in handles
+    assert spool.write_ahead(b"one too many", 3) is None
+    assert _stats.snapshot()["spool_write_ahead_skipped_spans"] == 3
+    assert len(os.listdir("/proc/self/fd")) - fds_before == _spool._MAX_HELD
+    spool.release(handles[0])
+    assert spool.write_ahead(b"room again", 1) is not None
+    assert spool.status().leased == _spool._MAX_HELD
+
+
 def test_settling_a_handle_twice_or_after_fork_does_nothing(tmp_path: Path) -> None:
     """ack/release of a handle already settled, or inherited through fork(), touch nothing: no other
     batch's lease is removed or unlocked."""
