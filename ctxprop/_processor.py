@@ -147,6 +147,7 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._signalled = False
         self._worker: Optional[threading.Thread] = None
         self._worker_started = False
+        self._start_retry_at = 0.0
         self._down = False
         self._want_replay = False
         self._replay_at = 0.0
@@ -192,12 +193,21 @@ class CtxpropSpanProcessor(SpanProcessor):
     def _start_worker(self) -> None:
         self._check_pid()
         with self._start_lock:
-            if self._worker_started:
+            if self._worker_started or time.monotonic() < self._start_retry_at:
                 return
             self._worker_started = True
         t = threading.Thread(target=self._run, name="ctxprop-exporter", daemon=True)
         self._worker = t
-        t.start()
+        try:
+            t.start()
+        except RuntimeError:
+            # No new thread now: interpreter shutdown (Python 3.12+ refuses threads in atexit handlers) or
+            # a thread limit. The spans wait in the queue for flush()/close(), which export in the calling
+            # thread (at exit: ctxprop's own atexit close); a later span tries the worker again.
+            self._worker = None
+            self._start_retry_at = time.monotonic() + 1.0
+            self._worker_started = False
+            self._count("worker_start_errors", 1)
 
     # -- counters --------------------------------------------------------------------------------------
     def _count(self, name: str, n: int) -> None:

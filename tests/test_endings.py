@@ -325,3 +325,27 @@ ready(child=os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
     assert res.returncode == 0, res.stderr
     assert res.last("child") == -signal.SIGTERM
     _assert_all(receiver, "child")
+
+
+def test_spans_ended_in_a_later_atexit_handler_arrive_without_error(
+    receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """Spans that end in an atexit handler registered after init() (it runs before ctxprop's own close)
+    arrive, and ending them raises nothing even where no thread may start then (Python 3.12+)."""
+    body = """
+import atexit
+def late():
+    make_spans("main")  # the processor's first spans: its worker thread starts only now
+    print(json.dumps({"late_done": True}), flush=True)
+atexit.register(late)
+ready()
+"""
+    init = (
+        "from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter\n"
+        'ctxprop.init(exporter=OTLPSpanExporter(endpoint=os.environ["EP"]))\n'
+    )
+    res = run_child(PRELUDE + init + body, env=_env(receiver, tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert res.last("late_done") is True
+    _assert_all(receiver)
