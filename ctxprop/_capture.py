@@ -13,10 +13,10 @@ import sys
 import threading
 from collections.abc import Callable
 from contextvars import Context, ContextVar, copy_context
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Optional, Protocol, TypeVar
 
 from ctxprop import _stats
-from ctxprop._scopes import CURRENT, ISOLATION, AttrValue, Scope
+from ctxprop._scopes import CURRENT, ISOLATION, NO_SCOPE, AttrValue, Scope
 
 if sys.version_info >= (3, 10):
     from typing import ParamSpec
@@ -129,6 +129,46 @@ def _enter_flat(
         except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
             _stats.incr("capture_hook_errors")
     return fn(*args, **kwargs)
+
+
+#: (context, isolation tags, current tags, hook states, function, args, kwargs): a task to run as
+#: ``Context.run(context, _enter, ...)``.
+ContextRunCall = tuple[
+    Context,
+    dict[str, AttrValue],
+    dict[str, AttrValue],
+    tuple[tuple[CaptureHook[Any], Any], ...],
+    Callable[..., Any],
+    tuple[Any, ...],
+    dict[str, Any],
+]
+
+
+def _into_context_run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[ContextRunCall]:
+    """For ``fn`` = ``functools.partial(ctx.run, func, *a, **kw)`` (what ``asyncio.to_thread`` hands to
+    ``run_in_executor``): the same call run in ``ctx`` itself with scopes forked from ``ctx``'s, else None.
+
+    Captured as usual, such a task would run ``ctx.run`` inside the fresh copy, and ``ctx`` holds the
+    awaiting task's own scope objects, unforked: the thread's tag writes would reach the awaiting task.
+    """
+    bound = fn.func
+    ctx = getattr(bound, "__self__", None)
+    if type(ctx) is not Context or getattr(bound, "__name__", None) != "run" or not fn.args:
+        return None
+    try:
+        # Hooks capture inside ctx: that is the context the caller meant the call to run in.
+        extra = ctx.run(_capture_extra) if _hooks else ()
+    except RuntimeError:  # ctx is entered (here or in another thread): leave the call as it was made
+        return None
+    return (
+        ctx,
+        ctx.get(ISOLATION, NO_SCOPE)._tags,
+        ctx.get(CURRENT, NO_SCOPE)._tags,
+        extra,
+        fn.args[0],
+        (*fn.args[1:], *args),
+        {**fn.keywords, **kwargs},
+    )
 
 
 class Snapshot(tuple):  # type: ignore[type-arg]

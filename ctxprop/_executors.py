@@ -11,7 +11,7 @@ from contextvars import Context, copy_context
 from typing import Any, Optional, TypeVar
 
 from ctxprop import _capture
-from ctxprop._capture import _capture_extra, _enter_flat
+from ctxprop._capture import _capture_extra, _enter_flat, _into_context_run
 from ctxprop._scopes import CURRENT, ISOLATION
 
 if sys.version_info >= (3, 10):
@@ -25,6 +25,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _context_run: Callable[..., Any] = Context.run
+_partial = functools.partial
 
 
 def _run_clean(initializer: Callable[..., object], *initargs: Any) -> None:
@@ -87,6 +88,11 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
         # object a queued task keeps alive (the GC walks them all) costs a visible share of a no-op
         # task's round trip. The fresh copy_context() is private to this task, so no second copy.
         submit = ThreadPoolExecutor.submit if self._stdlib_submit_next else _cooperative_submit
+        if type(fn) is _partial:
+            call = _into_context_run(fn, args, kwargs)
+            if call is not None:
+                ctx, iso, cur, extra, func, fargs, fkwargs = call
+                return submit(self, _context_run, ctx, _enter_flat, iso, cur, extra, func, *fargs, **fkwargs)
         return submit(
             self,
             _context_run,

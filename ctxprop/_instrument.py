@@ -35,7 +35,7 @@ from typing import Any
 import wrapt
 
 from ctxprop import _capture, _stats
-from ctxprop._capture import _capture_extra, _enter
+from ctxprop._capture import _capture_extra, _enter, _into_context_run
 from ctxprop._scopes import CURRENT, ISOLATION
 
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
@@ -82,6 +82,10 @@ def _submit_wrapper(
 ) -> Future[Any]:
     if not _active or not args or _propagates_itself(instance):
         return wrapped(*args, **kwargs)
+    if type(args[0]) is functools.partial:
+        call = _into_context_run(args[0], args[1:], kwargs)
+        if call is not None:
+            return wrapped(call[0].run, _enter, *call[1:])
     # Same inlined capture as ContextAwareThreadPoolExecutor.submit: this is the per-task hot path, and
     # the fresh context's own bound run() is the trampoline (no Python frame of ours per task).
     return wrapped(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import multiprocessing
 import threading
 import traceback
@@ -384,3 +385,69 @@ def test_run_in_executor_with_context_process_pool() -> None:
     assert worker_span.parent is not None
     assert worker_span.parent.span_id == parent_id
     assert dict(worker_span.attributes or {})["tenant"] == "acme"
+
+
+def _to_thread_task(i: int, *, suffix: str) -> tuple[str, dict[str, Any], str]:
+    seen = (REQUEST_ID.get(), _tags(), suffix)
+    ctxprop.set_tag("leak", i)
+    ctxprop.get_current_scope().set_tag("leak_cur", i)
+    return seen
+
+
+def _run_to_thread(executor: Executor | None) -> list[tuple[tuple[str, dict[str, Any], str], dict[str, Any]]]:
+    async def one(i: int) -> tuple[tuple[str, dict[str, Any], str], dict[str, Any]]:
+        REQUEST_ID.set(f"task-{i}")
+        with ctxprop.isolation_scope():
+            ctxprop.set_tag("i", i)
+            seen = await asyncio.to_thread(_to_thread_task, i, suffix="s")
+            return seen, _tags()
+
+    async def main() -> list[tuple[tuple[str, dict[str, Any], str], dict[str, Any]]]:
+        if executor is not None:
+            asyncio.get_running_loop().set_default_executor(executor)
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    return asyncio.run(main())
+
+
+def test_asyncio_to_thread_on_a_context_aware_default_executor() -> None:
+    """asyncio.to_thread on a ContextAwareThreadPoolExecutor: the thread sees the awaiting task's
+    context, and its tag writes do not reach the awaiting task (to_thread's own copy_context alone
+    would share the task's scopes)."""
+    results = _run_to_thread(ctxprop.ContextAwareThreadPoolExecutor(max_workers=2))
+    assert results == [((f"task-{i}", {"i": i}, "s"), {"i": i}) for i in range(4)]
+
+
+def test_asyncio_to_thread_on_a_plain_executor_leaks_writes_back() -> None:
+    """Control: on the stdlib default executor, to_thread's writes reach the awaiting task's scopes."""
+    results = _run_to_thread(None)
+    assert all(after.get("leak") == i for i, (_, after) in enumerate(results))
+
+
+class _NullHook:
+    def capture(self) -> None:
+        return None
+
+    def activate(self, state: None) -> None:
+        pass
+
+
+def test_a_context_run_partial_whose_context_is_busy_is_left_as_made() -> None:
+    """partial(ctx.run, f) submitted from inside ctx (so hooks cannot capture in it) is submitted as
+    made: nothing fails at submit, and running it fails just as it would on the stdlib pool."""
+    ctx = contextvars.copy_context()
+    hook = _NullHook()
+    _capture.register_capture_hook(hook)
+    try:
+        with ctxprop.ContextAwareThreadPoolExecutor(max_workers=1) as pool:
+
+            def submit_and_wait() -> Future[Any]:
+                fut = pool.submit(functools.partial(ctx.run, REQUEST_ID.get))
+                fut.exception(timeout=30)  # ctx stays entered here until the task ran
+                return fut
+
+            fut = ctx.run(submit_and_wait)
+    finally:
+        _capture.unregister_capture_hook(hook)
+    with pytest.raises(RuntimeError, match="cannot enter context"):
+        fut.result(timeout=30)

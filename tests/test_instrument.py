@@ -579,3 +579,23 @@ def test_threads_at_interpreter_exit_under_instrument() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.json_lines == [{"started": True}, {"atexit_thread_saw": ["main"]}]
+
+
+def test_asyncio_to_thread_under_instrument_forks_the_scopes() -> None:
+    """Under instrument(), asyncio.to_thread on the loop's default executor sees the awaiting task's
+    tags, and the thread's tag writes stay in the thread."""
+
+    def task() -> dict[str, Any]:
+        seen = tags_here()
+        ctxprop.set_tag("leak", True)
+        return seen
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        with ctxprop.isolation_scope():
+            ctxprop.set_tag("req", 1)
+            seen = await asyncio.to_thread(task)
+            return seen, tags_here()
+
+    assert asyncio.run(main()) == ({"req": 1}, {"req": 1, "leak": True})  # control: it leaks back
+    ctxprop.instrument()
+    assert asyncio.run(main()) == ({"req": 1}, {"req": 1})
