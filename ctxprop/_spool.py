@@ -264,6 +264,7 @@ class Spool:
         self._memory: deque[tuple[bytes, int, int]] = deque()
         self._memory_bytes = 0
         self._held: set[int] = set()  # descriptors holding the locks of this process's write-ahead leases
+        self._finalizer: Callable[[], object] = lambda: None
         _open_spools.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -274,10 +275,7 @@ class Spool:
         self._memory_bytes = 0
         # Copies of the parent's lease locks: closing them here leaves the parent's locks in place, and
         # keeps a parent that dies first from looking alive through this child.
-        for fd in self._held:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._held = set()
+        _close_all(self._held)
 
     @classmethod
     def open(
@@ -313,6 +311,10 @@ class Spool:
         try:
             spool._fd = _open_private_dir(path)
             spool._writable = True
+            # A spool dropped without close() (an init() after close()) must not keep its descriptors.
+            # Not at exit: the endings' last flush may still write to the spool then.
+            spool._finalizer = weakref.finalize(spool, _close_all, spool._held, spool._fd)
+            spool._finalizer.atexit = False
         except Exception as exc:  # noqa: BLE001 - any failure here means memory-only, never an app error
             spool._degrade(str(exc) if isinstance(exc, _Refused) else f"cannot open {path}: {exc}")
             return spool
@@ -538,11 +540,8 @@ class Spool:
         Write-ahead batches not yet acknowledged stay on disk, for the next replay to send.
         """
         with self._lock:
-            held, self._held = self._held, set()
-        fd, self._fd, self._writable = self._fd, None, False
-        for f in (*held, *([] if fd is None else [fd])):
-            with contextlib.suppress(OSError):
-                os.close(f)
+            self._fd, self._writable = None, False
+            self._finalizer()
 
     def __enter__(self) -> Spool:
         return self
@@ -899,6 +898,15 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_all(held: set[int], dir_fd: Optional[int] = None) -> None:
+    """Close the lease descriptors in ``held`` (emptying it) and ``dir_fd``."""
+    fds = [*held, *([] if dir_fd is None else [dir_fd])]
+    held.clear()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _read_own_file(fd: int) -> Optional[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import stat
 import subprocess
@@ -474,6 +475,33 @@ def test_write_ahead_holds_a_bounded_number_of_descriptors(tmp_path: Path) -> No
     spool.release(handles[0])
     assert spool.write_ahead(b"room again", 1) is not None
     assert spool.status().leased == _spool._MAX_HELD
+
+
+def open_fds_on(path: Path) -> int:
+    """How many of this process's descriptors refer to ``path`` or a file in it."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    return count
+
+
+def test_a_spool_dropped_without_close_releases_its_descriptors(tmp_path: Path) -> None:
+    """A spool that is garbage-collected unclosed (an init() after a close()) closes its directory
+    descriptor and lease locks, so its unsettled batches are recovered; close() does the same at once."""
+    spool = Spool.open(tmp_path)
+    spool.write_ahead(b"unsettled", 4)
+    assert open_fds_on(tmp_path) == 2
+    del spool
+    gc.collect()
+    assert open_fds_on(tmp_path) == 0
+    closed = Spool.open(tmp_path)
+    closed.close()
+    closed.close()
+    assert open_fds_on(tmp_path) == 0
+    sent = Collect()
+    assert Spool.open(tmp_path).replay(sent, FAR) == 4
+    assert sent.payloads == [b"unsettled"]
 
 
 def test_settling_a_handle_twice_or_after_fork_does_nothing(tmp_path: Path) -> None:
