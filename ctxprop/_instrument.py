@@ -41,6 +41,7 @@ from ctxprop._scopes import CURRENT, ISOLATION
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
 
 _lock = threading.Lock()
+_partial = functools.partial  # read per task on the submit path
 _active = False  # read by every wrapper: uninstrument() turns them into pass-throughs at once
 # (owner, attribute, wrapper function) of each patch of ours still in place
 _patches: list[tuple[Any, str, Callable[..., Any]]] = []
@@ -82,7 +83,7 @@ def _submit_wrapper(
 ) -> Future[Any]:
     if not _active or not args or _propagates_itself(instance):
         return wrapped(*args, **kwargs)
-    if type(args[0]) is functools.partial:
+    if type(args[0]) is _partial:
         call = _into_context_run(args[0], args[1:], kwargs)
         if call is not None:
             return wrapped(call[0].run, _enter, *call[1:])
