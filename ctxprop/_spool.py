@@ -263,7 +263,11 @@ class Spool:
         self._lock = threading.Lock()
         self._memory: deque[tuple[bytes, int, int]] = deque()
         self._memory_bytes = 0
-        self._held: set[int] = set()  # descriptors holding the locks of this process's write-ahead leases
+        # Every descriptor on which this process holds a spool lock (leases, segments being sent, temp
+        # files being written, probes), so a child forked meanwhile can close its copies; and the subset
+        # holding write-ahead leases.
+        self._locked: set[int] = set()
+        self._held: set[int] = set()
         self._finalizer: Callable[[], object] = lambda: None
         _open_spools.add(self)
 
@@ -275,7 +279,9 @@ class Spool:
         self._memory_bytes = 0
         # Copies of the parent's lease locks: closing them here leaves the parent's locks in place, and
         # keeps a parent that dies first from looking alive through this child.
-        _close_all(self._held)
+        # Close, never unlock: an unlock here would release the parent's locks too.
+        _close_all(self._locked)
+        self._held.clear()
 
     @classmethod
     def open(
@@ -313,7 +319,7 @@ class Spool:
             spool._writable = True
             # A spool dropped without close() (an init() after close()) must not keep its descriptors.
             # Not at exit: the endings' last flush may still write to the spool then.
-            spool._finalizer = weakref.finalize(spool, _close_all, spool._held, spool._fd)
+            spool._finalizer = weakref.finalize(spool, _close_all, spool._locked, spool._fd)
             spool._finalizer.atexit = False
         except Exception as exc:  # noqa: BLE001 - any failure here means memory-only, never an app error
             spool._degrade(str(exc) if isinstance(exc, _Refused) else f"cannot open {path}: {exc}")
@@ -376,7 +382,7 @@ class Spool:
             assert isinstance(handle, _Handle)  # noqa: S101 - _settle checked it
             with contextlib.suppress(OSError):
                 os.unlink(handle.lease, dir_fd=self._fd)
-            os.close(fd)
+            self._unlock(fd)
 
     def release(self, handle: object) -> None:
         """The export of the batch written ahead under ``handle`` failed: it becomes a pending record."""
@@ -389,7 +395,7 @@ class Spool:
         except OSError:
             return
         finally:
-            os.close(fd)
+            self._unlock(fd)
         _stats.incr("spool_written_spans", handle.spans)
         with contextlib.suppress(Exception):
             self._enforce_bounds()
@@ -445,7 +451,7 @@ class Spool:
                             continue
                         sent, ok = self._send_segment(name, lease, fd, send, deadline, progress)
                     finally:
-                        os.close(fd)
+                        self._unlock(fd)
                     delivered += sent
                     if not ok:
                         break
@@ -529,7 +535,7 @@ class Spool:
                 except FileNotFoundError:
                     pass
                 finally:
-                    os.close(fd)
+                    self._unlock(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(_EVENTS, dir_fd=self._fd)
         return removed
@@ -580,12 +586,8 @@ class Spool:
         ever sees it unlocked while this process lives); otherwise it is closed and -1 returned.
         """
         assert self._fd is not None  # noqa: S101 - callers check _writable, which implies a descriptor
-        tmp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
+        tmp, fd = self._new_locked_temp()
         try:
-            # Blocking, yet brief: besides this writer, only a housekeeping probe can hold the lock of a
-            # temp file, for a stat at most.
-            fcntl.flock(fd, fcntl.LOCK_EX)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -594,9 +596,9 @@ class Spool:
                 getattr(os, "fdatasync", os.fsync)(fd)
             os.rename(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self._fd)
+            self._unlock(fd)
             raise
         try:
             if sync:
@@ -604,12 +606,38 @@ class Spool:
                 # the data and lose the entry that leads to it.
                 os.fsync(self._fd)
         except BaseException:
-            os.close(fd)
+            self._unlock(fd)
             raise
         if keep:
             return fd
-        os.close(fd)
+        self._unlock(fd)
         return -1
+
+    def _new_locked_temp(self) -> tuple[str, int]:
+        """A new temp file, already locked by us, and its name."""
+        assert self._fd is not None  # noqa: S101 - only called with a descriptor
+        for _attempt in range(3):
+            tmp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
+            self._locked.add(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                # A housekeeping probe holds it this very instant (it only looks): take another name.
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=self._fd)
+                self._locked.discard(fd)
+                os.close(fd)
+                continue
+            return tmp, fd
+        raise OSError(errno.EWOULDBLOCK, "new temp files in the spool are locked by another process")
+
+    def _unlock(self, fd: int) -> None:
+        """Release a lock of ours (for the description: a forked child's copy must not keep it) and close."""
+        self._locked.discard(fd)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
     def _memory_append(self, payload: bytes, span_count: int, created: int) -> None:
         with self._lock:
@@ -670,9 +698,11 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=self._fd)
             return None
+        self._locked.add(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            self._locked.discard(fd)
             os.close(fd)
             return None
         return fd
@@ -691,7 +721,7 @@ class Spool:
         fd = self._lock_file(name)
         if fd is None:
             return True
-        os.close(fd)
+        self._unlock(fd)
         return False
 
     def _send_segment(
@@ -752,7 +782,7 @@ class Spool:
             new_name = self._new_name(rest[0][2], sum(r[1] for r in rest))
             os.rename(lease, new_name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         finally:
-            os.close(fd)
+            self._unlock(fd)
 
     def _pending(self) -> list[str]:
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
@@ -795,7 +825,7 @@ class Spool:
             except OSError:
                 pass
             finally:
-                os.close(fd)
+                self._unlock(fd)
 
     def _housekeeping(self) -> None:
         with contextlib.suppress(Exception):

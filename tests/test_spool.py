@@ -504,6 +504,35 @@ def test_a_spool_dropped_without_close_releases_its_descriptors(tmp_path: Path) 
     assert sent.payloads == [b"unsettled"]
 
 
+def test_a_child_forked_during_a_replay_does_not_keep_the_segment_locked(tmp_path: Path) -> None:
+    """fork() while a replay holds a segment's lock (e.g. a fork-started pool): once the parent gives the
+    segment back, the next replay can take and send it although the child still runs."""
+    spool = Spool.open(tmp_path)
+    spool.append(b"segment", 2)
+    release_r, release_w = os.pipe()
+    children: list[int] = []
+
+    def fork_then_fail(payload: bytes, timeout: float) -> bool:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child waits for the parent's word, then leaves
+            os.close(release_w)
+            os.read(release_r, 1)
+            os._exit(0)
+        children.append(pid)
+        return False
+
+    try:
+        assert spool.replay(fork_then_fail, FAR) == 0
+        sent = Collect()
+        assert spool.replay(sent, FAR) == 2
+        assert sent.payloads == [b"segment"]
+    finally:
+        os.close(release_w)
+        os.close(release_r)
+        for pid in children:
+            os.waitpid(pid, 0)
+
+
 def test_settling_a_handle_twice_or_after_fork_does_nothing(tmp_path: Path) -> None:
     """ack/release of a handle already settled, or inherited through fork(), touch nothing: no other
     batch's lease is removed or unlocked."""
