@@ -139,6 +139,12 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._pending_spans = 0
         self._inflight: Optional[_Batch] = None
         self._export_lock = threading.Lock()
+        # Who holds the export lock, and what that holder took out of the queue: spans being encoded
+        # (_held) and the batch being delivered (_current). A signal handler that interrupted the holder on
+        # its own thread cannot wait for the lock; it takes these over instead (_abandoned_to_spool).
+        self._owner: Optional[int] = None
+        self._held: Optional[list[ReadableSpan]] = None
+        self._current: Optional[_Batch] = None
         # One replay at a time in this process: close() must wait for a background replay that holds
         # leased segments rather than exit under it.
         self._replay_lock = threading.Lock()
@@ -265,8 +271,13 @@ class CtxpropSpanProcessor(SpanProcessor):
                 return
             token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
             try:
-                with self._export_lock:
+                self._export_lock.acquire()
+                self._owner = threading.get_ident()
+                try:
                     self._cycle(deadline=None, everything=timer)
+                finally:
+                    self._owner = None
+                    self._export_lock.release()
                 self._background_replay()
             except Exception:  # noqa: BLE001 - the export thread must survive any exporter fault
                 self._count("export_errors", 1)
@@ -323,7 +334,10 @@ class CtxpropSpanProcessor(SpanProcessor):
             batch = self._pending[0]
             if not forced and batch.not_before > time.monotonic():
                 return False
-            if not self._deliver(batch, deadline):
+            self._current = batch
+            settled = self._deliver(batch, deadline)
+            self._current = None
+            if not settled:
                 return False
             self._pending.popleft()
             self._pending_spans -= batch.count
@@ -331,12 +345,14 @@ class CtxpropSpanProcessor(SpanProcessor):
         while q and (everything or forced or len(q) >= self._batch_size):
             if forced and time.monotonic() >= deadline:  # type: ignore[operator]
                 return False
-            n = min(self._batch_size, len(q))
-            spans = [q.popleft() for _ in range(n)]
-            fresh = self._make_batch(spans)
+            fresh = self._make_batch(self._take(min(self._batch_size, len(q))))
+            self._current = fresh
+            self._held = None
             if fresh is None:
                 continue
-            if not self._deliver(fresh, deadline):
+            settled = self._deliver(fresh, deadline)
+            self._current = None
+            if not settled:
                 self._pending.append(fresh)
                 self._pending_spans += fresh.count
                 self._enforce_memory_bound()
@@ -346,12 +362,21 @@ class CtxpropSpanProcessor(SpanProcessor):
     def _write_ahead_queue(self, everything: bool) -> None:
         q = self._queue
         while q and (everything or len(q) >= self._batch_size):
-            spans = [q.popleft() for _ in range(min(self._batch_size, len(q)))]
-            batch = self._make_batch(spans)
+            batch = self._make_batch(self._take(min(self._batch_size, len(q))))
             if batch is not None:
                 self._pending.append(batch)
                 self._pending_spans += batch.count
+            self._held = None
         self._enforce_memory_bound()
+
+    def _take(self, n: int) -> list[ReadableSpan]:
+        # Filled in place, so a signal handler that interrupts the encoding still finds these spans.
+        spans: list[ReadableSpan] = []
+        self._held = spans
+        q = self._queue
+        for _ in range(n):
+            spans.append(q.popleft())
+        return spans
 
     def _make_batch(self, spans: list[ReadableSpan]) -> Optional[_Batch]:
         if self._sender is None:
@@ -501,6 +526,26 @@ class CtxpropSpanProcessor(SpanProcessor):
             if made is not None:
                 self._to_spool(made)
 
+    def _abandoned_to_spool(self) -> None:
+        """Closing from a signal handler on top of this thread's own export: spool what that export had
+        taken (spans being encoded, the batch being sent, failed batches) and the queue."""
+        if self._spool is None:
+            return
+        try:
+            held, self._held = self._held, None
+            batches = [b for b in (self._current, *self._pending) if b is not None]
+            self._pending.clear()
+            self._pending_spans = 0
+            for b in batches:
+                self._to_spool(b)
+            if held:
+                made = self._make_batch(list(held))
+                if made is not None:
+                    self._to_spool(made)
+            self._leftovers_to_spool(locked=False)
+        except Exception:  # noqa: BLE001 - runs in a signal handler: never raise
+            self._count("spool_errors", 1)
+
     # -- flush / shutdown ------------------------------------------------------------------------------
     def flush_until(self, deadline: float) -> bool:
         """Export everything ended so far, in the calling thread, by ``deadline`` (``time.monotonic()``).
@@ -508,6 +553,12 @@ class CtxpropSpanProcessor(SpanProcessor):
         What is still undelivered at the deadline goes to the spool (OTLP path). Never raises.
         """
         self._check_pid()
+        if self._owner == threading.get_ident():
+            # A signal handler (SIGTERM -> close() or flush()) interrupted this very thread while it held
+            # the export lock: waiting for that lock would wait for ourselves until the deadline.
+            if self._shut:
+                self._abandoned_to_spool()  # the interrupted export never resumes: the process dies
+            return False
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         try:
             # Keep a slice of the budget to write leftovers to the spool before the deadline.
@@ -516,12 +567,14 @@ class CtxpropSpanProcessor(SpanProcessor):
             if not self._export_lock.acquire(timeout=max(0.0, work_deadline - time.monotonic())):
                 self._leftovers_to_spool(locked=False)
                 return False
+            self._owner = threading.get_ident()
             try:
                 done = self._cycle(deadline=work_deadline, everything=True)
                 if not done:
                     self._leftovers_to_spool(locked=True)
                 return done
             finally:
+                self._owner = None
                 self._export_lock.release()
         except Exception:  # noqa: BLE001 - flush is called from atexit and signal handlers: never raise
             self._count("export_errors", 1)

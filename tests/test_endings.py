@@ -349,3 +349,29 @@ ready()
     assert res.stderr == ""
     assert res.last("late_done") is True
     _assert_all(receiver)
+
+
+def test_sigterm_while_main_thread_flushes_keeps_the_batch_it_was_encoding(
+    receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """SIGTERM handled while the main thread's own flush() holds the export lock mid-batch: close() does not
+    wait out its deadline for that lock, and the batch being encoded is kept (spooled), not lost."""
+    from ctxprop._spool import Spool
+
+    body = """
+make_spans("main")
+def at_encode(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "encode_spans":  # the batch is popped, not yet sent
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGTERM)
+sys.setprofile(at_encode)
+t0 = time.monotonic()
+ctxprop.flush()
+"""
+    kw = ", max_export_batch_size=2000, schedule_delay=60, close_timeout=10.0"
+    res = run_child(_code(body, kw=kw), env=_env(receiver, tmp_path), timeout=60)
+    assert res.returncode == -signal.SIGTERM, res.stderr
+    assert res.stderr == ""
+    delivered = len({s.name for s in receiver.spans if s.name.startswith("main-")})
+    assert delivered + Spool.open(tmp_path / "spool").status().spans == N
+    assert res.elapsed < 8.0  # not the 10 s close deadline spent waiting for its own lock
