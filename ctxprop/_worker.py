@@ -61,16 +61,20 @@ def _on_pool_thread_without_context() -> bool:
 
 
 class _WarnOnce:
-    __slots__ = ("_lock", "_warned", "qualname")
+    __slots__ = ("_claim", "_warned", "qualname")
 
     def __init__(self, qualname: str) -> None:
         self.qualname = qualname
-        self._lock = threading.Lock()
+        # Acquired by the first warning and never released: two pool threads passing the unlocked check
+        # at once cannot both warn, and no caller ever waits on it (a forked child inheriting it taken
+        # has nothing to wait for either).
+        self._claim = threading.Lock()
         self._warned = False
 
     def check(self) -> None:
-        if self._warned or not _on_pool_thread_without_context() or not self._claim():
+        if self._warned or not _on_pool_thread_without_context() or not self._claim.acquire(blocking=False):
             return
+        self._warned = True
         warnings.warn(
             f"{self.qualname}() is running on a thread-pool thread without its submitter's context: "
             "its span is not a child of the submitting span and the scope tags are missing. Submit it "
@@ -79,13 +83,6 @@ class _WarnOnce:
             RuntimeWarning,
             stacklevel=3,
         )
-
-    def _claim(self) -> bool:
-        # Two pool threads may pass the unlocked check at once: only one of them warns.
-        with self._lock:
-            first = not self._warned
-            self._warned = True
-        return first
 
 
 def _decorate(
