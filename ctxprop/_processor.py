@@ -526,6 +526,15 @@ class CtxpropSpanProcessor(SpanProcessor):
             if made is not None:
                 self._to_spool(made)
 
+    def _put_back(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._queue.extendleft(reversed(held))
+        cur, self._current = self._current, None
+        if cur is not None and not cur.spooled and (not self._pending or self._pending[0] is not cur):
+            self._pending.appendleft(cur)
+            self._pending_spans += cur.count
+
     def _abandoned_to_spool(self) -> None:
         """Closing from a signal handler on top of this thread's own export: spool what that export had
         taken (spans being encoded, the batch being sent, failed batches) and the queue."""
@@ -573,6 +582,11 @@ class CtxpropSpanProcessor(SpanProcessor):
                 if not done:
                     self._leftovers_to_spool(locked=True)
                 return done
+            except BaseException:
+                # KeyboardInterrupt (or an app's SIGTERM handler's SystemExit) raised in the middle of the
+                # export: what it had taken out of the queue goes back, for the exit's close() to send.
+                self._put_back()
+                raise
             finally:
                 self._owner = None
                 self._export_lock.release()

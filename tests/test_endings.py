@@ -375,3 +375,22 @@ ctxprop.flush()
     delivered = len({s.name for s in receiver.spans if s.name.startswith("main-")})
     assert delivered + Spool.open(tmp_path / "spool").status().spans == N
     assert res.elapsed < 8.0  # not the 10 s close deadline spent waiting for its own lock
+
+
+def test_ctrl_c_during_flush_keeps_the_batch_it_was_encoding(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """Ctrl-C (KeyboardInterrupt) raised inside flush() while it encodes a batch: those spans go back to the
+    queue, so the exit still delivers all of them; the status stays Python's own."""
+    body = """
+make_spans("main")
+def at_encode(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "encode_spans":
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt, raised in the middle of the flush
+sys.setprofile(at_encode)
+ctxprop.flush()
+"""
+    kw = ", max_export_batch_size=2000, schedule_delay=60"
+    res = run_child(_code(body, kw=kw), env=_env(receiver, tmp_path), timeout=60)
+    assert res.returncode == -signal.SIGINT, res.stderr
+    assert "KeyboardInterrupt" in res.stderr
+    _assert_all(receiver)
