@@ -339,11 +339,5 @@ async def aclose(timeout: Optional[float] = None) -> None:
 
 def _reset_for_tests() -> None:
     """Forget the pipeline and OpenTelemetry's global provider, so a test can call ``init()`` again."""
-    global _provider, _processor, _config
     with _lock:
-        processor = _processor
-        _provider, _processor, _config = None, None, None
-        if processor is not None:
-            processor.forget()
-        _lifecycle.uninstall()
-        _reset_global_provider()
+        forget()
