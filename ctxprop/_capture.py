@@ -9,6 +9,7 @@ built on the worker side, in ``run``, off the submitter's clock.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -51,6 +52,16 @@ class CaptureHook(Protocol, Generic[T]):
 # _hooks_lock so two at once cannot drop one another.
 _hooks: tuple[CaptureHook[Any], ...] = ()
 _hooks_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock at fork(); nothing in the child would release it.
+    global _hooks_lock  # noqa: PLW0603
+    _hooks_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register_capture_hook(hook: CaptureHook[Any]) -> None:

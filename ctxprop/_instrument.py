@@ -26,6 +26,7 @@ import asyncio.base_events
 import concurrent.futures.process
 import concurrent.futures.thread
 import functools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -45,6 +46,17 @@ _partial = functools.partial  # read per task on the submit path
 _active = False  # read by every wrapper: uninstrument() turns them into pass-throughs at once
 # (owner, attribute, wrapper function) of each patch of ours still in place
 _patches: list[tuple[Any, str, Callable[..., Any]]] = []
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have been inside instrument() at fork(); nothing in the child would
+    # release the lock it held.
+    global _lock  # noqa: PLW0603
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # Modules whose threads are executor or multiprocessing machinery, started on behalf of whichever caller
 # happens to come first: they must run in their own clean context.
