@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -16,15 +15,6 @@ import ctxprop
 from ctxprop import _capture, _scopes
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("test_capture.request_id", default="-")
-
-
-@pytest.fixture(autouse=True)
-def _clean_scopes() -> Iterator[None]:
-    """Each test starts with no scope in the main thread's context, whatever ran before it."""
-    tokens = _scopes.ISOLATION.set(_scopes.NO_SCOPE), _scopes.CURRENT.set(_scopes.NO_SCOPE)
-    yield
-    _scopes.CURRENT.reset(tokens[1])
-    _scopes.ISOLATION.reset(tokens[0])
 
 
 def _in_thread(fn: Any, *args: Any) -> Any:

@@ -24,14 +24,11 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("test_executors
 
 
 @pytest.fixture(autouse=True)
-def _clean_scopes() -> Iterator[None]:
-    """Each test starts with no scope and no request id in the main thread's context."""
-    tokens = _scopes.ISOLATION.set(_scopes.NO_SCOPE), _scopes.CURRENT.set(_scopes.NO_SCOPE)
-    rid_token = REQUEST_ID.set("-")
+def _clean_request_id() -> Iterator[None]:
+    """Each test starts with no request id in the main thread's context (conftest clears the scopes)."""
+    token = REQUEST_ID.set("-")
     yield
-    REQUEST_ID.reset(rid_token)
-    _scopes.CURRENT.reset(tokens[1])
-    _scopes.ISOLATION.reset(tokens[0])
+    REQUEST_ID.reset(token)
 
 
 def _tags() -> dict[str, Any]:

@@ -9,7 +9,7 @@ import select
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import pytest
@@ -18,15 +18,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import ctxprop
 from ctxprop import _scopes
-
-
-@pytest.fixture(autouse=True)
-def _clean_scopes() -> Iterator[None]:
-    """Each test starts with no scope in the main thread's context, whatever ran before it."""
-    tokens = _scopes.ISOLATION.set(_scopes.NO_SCOPE), _scopes.CURRENT.set(_scopes.NO_SCOPE)
-    yield
-    _scopes.CURRENT.reset(tokens[1])
-    _scopes.ISOLATION.reset(tokens[0])
 
 
 @pytest.fixture

@@ -10,31 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import ctxprop
-from ctxprop import _scopes
 
 ROUNDS = 120
 CALLS = 3
 
 Submit = Callable[[asyncio.AbstractEventLoop, Executor, Callable[..., Any], int, int], Awaitable[Any]]
-
-
-@pytest.fixture(autouse=True)
-def _clean_scopes() -> Iterator[None]:
-    """Each test starts with no scope in the main thread's context, whatever ran before it."""
-    tokens = _scopes.ISOLATION.set(_scopes.NO_SCOPE), _scopes.CURRENT.set(_scopes.NO_SCOPE)
-    yield
-    _scopes.CURRENT.reset(tokens[1])
-    _scopes.ISOLATION.reset(tokens[0])
 
 
 @dataclass

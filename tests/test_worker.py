@@ -23,16 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import ctxprop
-from ctxprop import _pipeline, _scopes
-
-
-@pytest.fixture(autouse=True)
-def _clean_scopes() -> Iterator[None]:
-    """Each test starts with no scope in the main thread's context, whatever ran before it."""
-    tokens = _scopes.ISOLATION.set(_scopes.NO_SCOPE), _scopes.CURRENT.set(_scopes.NO_SCOPE)
-    yield
-    _scopes.CURRENT.reset(tokens[1])
-    _scopes.ISOLATION.reset(tokens[0])
+from ctxprop import _pipeline
 
 
 @pytest.fixture
