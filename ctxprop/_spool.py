@@ -870,11 +870,18 @@ class Spool:
             fd = os.open(_EVENTS, flags, 0o600, dir_fd=self._fd)
             try:
                 st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) and st.st_size < _EVENTS_MAX:
-                    # One short O_APPEND write: lines from concurrent processes never interleave.
-                    os.write(fd, f"{kind} {n}\n".encode("ascii"))
+                if not stat.S_ISREG(st.st_mode):
+                    return
+                # One short O_APPEND write: lines from concurrent processes never interleave.
+                os.write(fd, f"{kind} {n}\n".encode("ascii"))
             finally:
                 os.close(fd)
+            if st.st_size >= _EVENTS_MAX:
+                # Long enough: replace it by its totals (a line another process appends meanwhile may be
+                # lost; far better than counts that stop growing).
+                totals = self._read_events()
+                lines = "".join(f"{k} {v}\n" for k, v in zip(("dropped", "corrupt", "rejected"), totals))
+                self._write_file(_EVENTS, lines.encode("ascii"), sync=False)
 
     def _read_events(self) -> tuple[int, int, int]:
         """(dropped spans, corrupt records, rejected spans) noted by every process that used the spool."""

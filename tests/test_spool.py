@@ -610,6 +610,20 @@ def test_purge_removes_pending_and_the_event_log(tmp_path: Path) -> None:
     assert files(tmp_path) == []
 
 
+def test_event_log_is_compacted_to_totals_instead_of_growing_or_freezing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its size limit the drop/corrupt log is rewritten as totals: it stays small, and status()
+    keeps counting every drop."""
+    monkeypatch.setattr(_spool, "_EVENTS_MAX", 200)
+    spool = Spool.open(tmp_path, max_bytes=0)
+    for _ in range(100):
+        spool.append(b"dropped at once", 3)
+    assert spool.status().dropped == 300
+    assert (tmp_path / "events").stat().st_size < 400
+    assert stat.S_IMODE((tmp_path / "events").stat().st_mode) == 0o600
+
+
 def test_memory_only_spool_is_bounded(tmp_path: Path) -> None:
     """A memory-only spool keeps at most max_bytes and counts what it drops."""
     blocker = tmp_path / "file"
