@@ -548,6 +548,7 @@ class Spool:
         with self._lock:
             self._fd, self._writable = None, False
             self._finalizer()
+            self._held.clear()
 
     def __enter__(self) -> Spool:
         return self
