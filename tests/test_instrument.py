@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import contextvars
 import json
 import multiprocessing
 import os
 import queue
-import select
-import signal
 import subprocess
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -603,47 +599,3 @@ def test_asyncio_to_thread_under_instrument_forks_the_scopes() -> None:
     assert asyncio.run(main()) == ({"req": 1}, {"req": 1, "leak": True})  # control: it leaks back
     ctxprop.instrument()
     assert asyncio.run(main()) == ({"req": 1}, {"req": 1})
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_child_forked_while_instrument_and_hook_locks_were_held_can_use_them() -> None:
-    """A process forked while another thread held instrument()'s lock and the capture-hook lock can
-    still instrument, uninstrument and register a hook (no hang)."""
-    from ctxprop import _instrument
-
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with _instrument._lock, _capture._hooks_lock:
-            holding.set()
-            release.wait(timeout=60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    pid = 0
-    try:
-        assert holding.wait(timeout=30)
-        r, w = os.pipe()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            try:
-                _capture.register_capture_hook(_CountingHook())
-                ctxprop.instrument()
-                ctxprop.uninstrument()
-                os.write(w, b"ok")
-            finally:
-                os._exit(0)
-        os.close(w)
-        ready, _, _ = select.select([r], [], [], 30)
-        answer = os.read(r, 2) if ready else b""
-        os.close(r)
-    finally:
-        release.set()
-        holder.join(timeout=30)
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    assert answer == b"ok"

@@ -10,14 +10,15 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import ctxprop
-from ctxprop import _scopes
+from ctxprop import _capture, _instrument, _scopes
 
 
 @pytest.fixture
@@ -312,13 +313,69 @@ def test_clear_is_not_lost_to_a_concurrent_set_tag(monkeypatch: pytest.MonkeyPat
     assert dict(scope.tags) == {}
 
 
+@ctxprop.worker
+def _forked_job() -> int:
+    return 7
+
+
+def _warning_claim() -> Any:
+    """The lock of _forked_job's once-only warning (its claim, or the older blocking lock)."""
+    once = next(
+        cell.cell_contents
+        for cell in _forked_job.__closure__ or ()
+        if type(cell.cell_contents).__name__ == "_WarnOnce"
+    )
+    return getattr(once, "_lock", None) or once._claim
+
+
+def _child_sets_tags() -> bytes:
+    scope = ctxprop.Scope()
+    scope.set_tag("k", 1)
+    scope.remove_tag("k")
+    scope.clear()
+    return b"ok"
+
+
+def _child_instruments() -> bytes:
+    _capture.register_capture_hook(_NullHook())
+    ctxprop.instrument()
+    ctxprop.uninstrument()
+    return b"ok"
+
+
+def _child_calls_a_worker_on_a_plain_pool() -> bytes:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=1) as pool:
+        warnings.simplefilter("ignore")
+        return b"ok" if pool.submit(_forked_job).result(timeout=30) == 7 else b"bad"
+
+
+class _NullHook:
+    def capture(self) -> None:
+        return None
+
+    def activate(self, state: None) -> None:
+        pass
+
+
+FORK_CASES = {
+    "scope-writes": (lambda: [_scopes._write_lock], _child_sets_tags),
+    "instrument-and-hooks": (lambda: [_instrument._lock, _capture._hooks_lock], _child_instruments),
+    "worker-warning": (lambda: [_warning_claim()], _child_calls_a_worker_on_a_plain_pool),
+}
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_set_tag_works_in_a_child_forked_while_a_writer_held_the_lock() -> None:
-    """A process forked while another thread was inside set_tag() can still set tags (no hang)."""
+@pytest.mark.parametrize("case", list(FORK_CASES))
+def test_forked_child_never_hangs_on_a_lock_held_at_fork(case: str) -> None:
+    """A process forked while another thread held one of ctxprop's locks (mid set_tag(), instrument(),
+    hook registration, or @worker's warning) can still do that itself: nothing waits for ever."""
+    locks_of, in_child = FORK_CASES[case]
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with _scopes._write_lock:
+        with contextlib.ExitStack() as stack:
+            for lock in locks_of():
+                stack.enter_context(lock)
             holding.set()
             release.wait(timeout=60)
 
@@ -333,16 +390,12 @@ def test_set_tag_works_in_a_child_forked_while_a_writer_held_the_lock() -> None:
             pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
-                scope = ctxprop.Scope()
-                scope.set_tag("k", 1)
-                scope.remove_tag("k")
-                scope.clear()
-                os.write(w, b"ok")
+                os.write(w, in_child())
             finally:
                 os._exit(0)
         os.close(w)
         ready, _, _ = select.select([r], [], [], 30)
-        answer = os.read(r, 2) if ready else b""
+        answer = os.read(r, 8) if ready else b""
         os.close(r)
     finally:
         release.set()

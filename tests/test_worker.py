@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-import os
-import select
-import signal
 import threading
 import time
 import traceback
@@ -408,42 +404,3 @@ def test_no_false_warning_when_a_task_enters_its_own_scopes(exporter: InMemorySp
         finally:
             ctxprop.uninstrument()
     assert [str(w.message) for w in record] == []
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_never_waits_on_the_warning_claim(exporter: InMemorySpanExporter) -> None:
-    """A child forked while a pool thread of the parent was claiming the warning can still call the
-    worker on its own plain pool (the claim never blocks; the parent's thread is the one that warns)."""
-
-    @ctxprop.worker
-    def job() -> int:
-        return 7
-
-    once = next(
-        cell.cell_contents
-        for cell in job.__closure__ or ()  # type: ignore[attr-defined]
-        if type(cell.cell_contents).__name__ == "_WarnOnce"
-    )
-    claim = getattr(once, "_lock", None) or once._claim
-    claim.acquire()  # as a parent pool thread in the middle of claiming would hold it at fork()
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=1) as pool:
-                warnings.simplefilter("ignore")
-                os.write(w, str(pool.submit(job).result(timeout=30)).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 30)
-        answer = os.read(r, 8) if ready else b""
-    finally:
-        os.close(r)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert answer == b"7"
