@@ -194,9 +194,9 @@ def _comparable(value: Any) -> Any:
 class _Forward:
     """Hands each ended span to the capture of the test running now, if any.
 
-    Added once to the global provider (as a span processor) and left there: tracers bind to a provider
-    for good (a module-level ``tracer = trace.get_tracer(...)`` keeps the first one it resolved), so each
-    test must see the spans of that same provider, not of a new pipeline of its own.
+    Added once to each global provider the fixture meets (as a span processor) and left there: tracers
+    bind to a provider for good (a module-level ``tracer = trace.get_tracer(...)`` keeps the first one it
+    resolved), so a later test must still see the spans of that provider, not only of its own.
     """
 
     target: Optional[InMemorySpanExporter] = None
@@ -215,7 +215,8 @@ class _Forward:
         return ForwardingProcessor()
 
 
-def _attach() -> None:
+def _attach() -> Any:
+    """Forward the global provider's spans to the fixture; returns the provider if it had to make one."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -223,6 +224,7 @@ def _attach() -> None:
     import ctxprop
 
     provider = trace.get_tracer_provider()
+    created = None
     if not isinstance(provider, TracerProvider):
 
         class Discard(SpanExporter):
@@ -232,29 +234,38 @@ def _attach() -> None:
 
         # No SDK provider yet (the usual case in a test run): ctxprop's pipeline, exporting nowhere. No
         # signal handlers: the test process's own SIGTERM/SIGINT behaviour is pytest's business.
-        provider = ctxprop.init(exporter=Discard(), service_name="pytest", handle_signals=False)
+        provider = created = ctxprop.init(exporter=Discard(), service_name="pytest", handle_signals=False)
     if not getattr(provider, "_ctxprop_pytest_forward", False):
         provider.add_span_processor(_Forward.processor())
         provider._ctxprop_pytest_forward = True  # type: ignore[attr-defined]
+    return created
 
 
 @pytest.fixture
 def ctxprop_spans() -> Iterator[SpanCapture]:
     """Capture the spans this test's code ends, in memory, and check how they hang together.
 
-    Uses the global TracerProvider: the application's own (``ctxprop.init()`` called by the code or a
-    conftest; it is left as it is) or, when there is none, a ctxprop pipeline set up on first use and
-    kept for the session, so tracers made at import time keep working from test to test. Spans ended
-    outside the test are not captured, and no span of one test is seen by another.
+    Uses the global TracerProvider: the application's own (``ctxprop.init()`` called in a conftest; it is
+    left as it is) or, when there is none, a ctxprop pipeline for the test, closed after it. Every provider
+    the fixture saw keeps forwarding to the running test, so tracers made at import time (bound to the
+    first provider for good) are captured in every test. Spans ended outside the test are not captured,
+    and no span of one test is seen by another.
 
     .. versionadded:: 0.1.0
     """
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    _attach()
+    from ctxprop import _pipeline
+
+    created = _attach()
     exporter = InMemorySpanExporter()
     _Forward.target = exporter
     try:
         yield SpanCapture(exporter)
     finally:
         _Forward.target = None
+        if created is not None and _pipeline.current_provider() is created:
+            # A pipeline of the fixture's own goes, so that code in a later test can call ctxprop.init()
+            # with its own settings. Tracers already bound to it keep working: its spans still pass
+            # through the forwarding processor, which stays on it.
+            _pipeline.close()

@@ -163,10 +163,14 @@ def test_spans_never_cross_tests(app: pytest.Pytester) -> None:
 
 def test_a_tracer_made_at_import_time_is_captured_in_every_test(app: pytest.Pytester) -> None:
     """A module-level tracer (bound to the first provider it resolves, for good) is captured in every
-    test, not only the first: the fixture keeps one pipeline for the session and swaps the capture."""
+    test, not only the first; and since the fixture closes its own pipeline after each test, a test's
+    code can still set up a pipeline of its own without a second-init warning."""
     app.makepyfile(
         test_module_tracer="""
+        import warnings
         from opentelemetry import trace
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import ctxprop
 
         tracer = trace.get_tracer("app")
 
@@ -175,9 +179,17 @@ def test_a_tracer_made_at_import_time_is_captured_in_every_test(app: pytest.Pyte
                 pass
             assert [s.name for s in ctxprop_spans.spans] == ["first"]
 
-        def test_without_the_fixture():
+        def test_without_the_fixture_code_may_set_up_its_own_pipeline():
+            exporter = InMemorySpanExporter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "init() called twice" warning
+                ctxprop.init(exporter=exporter, service_name="own", handle_signals=False)
+            with trace.get_tracer("own").start_as_current_span("own span"):
+                pass
             with tracer.start_as_current_span("unwatched"):
                 pass
+            ctxprop.close()
+            assert [s.name for s in exporter.get_finished_spans()] == ["own span"]
 
         def test_second(ctxprop_spans):
             with tracer.start_as_current_span("second"):
