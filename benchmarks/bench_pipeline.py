@@ -22,6 +22,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 
 from ctxprop._export import OTLPSender, quiet_official_loggers, stable_resource  # noqa: E402
 from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
+from ctxprop._spool import Spool  # noqa: E402
 from ctxprop._tagging import ScopeTagSpanProcessor  # noqa: E402
 
 RECEIVER = """
@@ -101,11 +103,16 @@ def stock_bsp(endpoint: str, queue: int) -> tuple[list[SpanProcessor], Resource]
     return [bsp], Resource.create({})
 
 
+_SPOOL_DIR = tempfile.TemporaryDirectory(prefix="bench-pipeline-spool-")
+
+
 def ctxprop_pipeline(endpoint: str, queue: int) -> tuple[list[SpanProcessor], Resource]:
     # What init() builds, in its order: the scope-tag processor (the provider calls it for every span, so
-    # its cost counts against ctxprop), ctxprop's processor with its OTLP sender, and its resource (hash
-    # computed once).
-    proc = CtxpropSpanProcessor(sender=OTLPSender(endpoint), max_queue_size=queue)
+    # its cost counts against ctxprop), ctxprop's processor with its OTLP sender and a spool (looked at
+    # after each delivered batch), and its resource (hash computed once).
+    proc = CtxpropSpanProcessor(
+        sender=OTLPSender(endpoint), spool=Spool.open(_SPOOL_DIR.name), max_queue_size=queue
+    )
     return [ScopeTagSpanProcessor(), proc], stable_resource(Resource.create({}))
 
 
@@ -218,8 +225,6 @@ def main() -> None:
         print(f"{k:52} {cost * 1e6:11.2f} {cost / med[base][0]:7.2f} {tput:12.0f} {tput / med[base][1]:7.2f}")
 
     print("\nclose() at the end of a short script (200 spans), seconds:")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as spool:
         up = Collector()
         try:
