@@ -10,6 +10,7 @@ raise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -308,8 +309,11 @@ async def _in_thread(fn: Any, timeout: Optional[float]) -> Any:
             result = fn(timeout)
         except Exception:  # noqa: BLE001 - flush/close never raise; be sure the future settles
             result = None
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(_settle, fut, result)
+        # The loop may close between the check and the call (the awaiting task was cancelled and the loop
+        # shut down): then nobody waits for the result, and the error must not reach stderr.
+        with contextlib.suppress(RuntimeError):
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, fut, result)
 
     # A daemon thread, not the loop's default executor: it may be saturated, and its threads are joined at
     # interpreter exit.
