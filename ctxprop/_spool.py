@@ -260,7 +260,9 @@ class Spool:
         self._warned = False
         #: Why the spool is memory-only (None while it uses its directory).
         self.problem: Optional[str] = None
-        self._lock = threading.Lock()
+        # Re-entrant: ctxprop's SIGTERM handler spools from the main thread, which may be inside one of
+        # these short sections when the signal arrives.
+        self._lock = threading.RLock()
         self._memory: deque[tuple[bytes, int, int]] = deque()
         self._memory_bytes = 0
         # Every descriptor on which this process holds a spool lock (leases, segments being sent, temp
@@ -274,7 +276,7 @@ class Spool:
     def _after_fork_in_child(self) -> None:
         # The parent keeps (and sends) what it held in memory; a copy here would be sent twice. A lock
         # held by one of the parent's threads at fork() would never be released here.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._memory = deque()
         self._memory_bytes = 0
         # Copies of the parent's lease locks: closing them here leaves the parent's locks in place, and
