@@ -1,8 +1,10 @@
 """``python -m ctxprop spool status|replay|purge``: look into, send or empty the offline spool.
 
 ``--dir`` names the spool directory; without it the one ``init()`` would use for ``--service`` (default
-``OTEL_SERVICE_NAME``) is taken. ``replay`` sends to ``--endpoint``, else to the endpoint ``init()`` would
-resolve from the environment, with the same ``OTEL_EXPORTER_OTLP_*`` headers and compression.
+``OTEL_SERVICE_NAME``) is taken, and where nothing names a service (nor ``CTXPROP_SPOOL_DIR``), ``status``
+and ``replay`` take every service's spool under the state directory (``purge`` then asks for a name).
+``replay`` sends to ``--endpoint``, else to the endpoint ``init()`` would resolve from the environment,
+with the same ``OTEL_EXPORTER_OTLP_*`` headers and compression.
 Exit status: 0 done, 1 something could not be sent (or was refused by the collector), 2 unusable spool
 directory or configuration.
 """
@@ -66,10 +68,21 @@ def _say(text: str, stream: Optional[TextIO] = None) -> None:
     out.write(text + "\n")
 
 
-def _directory(args: argparse.Namespace) -> Path:
+def _directories(args: argparse.Namespace) -> list[Path]:
     if args.dir:
-        return Path(args.dir)
-    return default_spool_dir(args.service or os.environ.get("OTEL_SERVICE_NAME") or None)
+        return [Path(args.dir)]
+    service = args.service or os.environ.get("OTEL_SERVICE_NAME") or None
+    if service is not None or os.environ.get("CTXPROP_SPOOL_DIR"):
+        return [default_spool_dir(service)]
+    # Nothing names a service: every service's spool under the state directory, since an app that called
+    # init(service_name="billing") spools to .../ctxprop/billing, not to the unnamed service's directory.
+    default = default_spool_dir(None)
+    root = default.parent
+    try:
+        found = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError:
+        found = []
+    return found or [default]
 
 
 def _print_status(st: SpoolStatus, as_json: bool, out: TextIO) -> None:
@@ -134,7 +147,15 @@ def _replay(spool: Spool, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``spool`` action; 0 on success, 1 if something could not be sent, 2 if unusable."""
-    directory = _directory(args)
+    directories = _directories(args)
+    if args.spool_command == "purge" and len(directories) > 1:
+        names = ", ".join(d.name for d in directories)
+        _say(f"several services have a spool ({names}): name one with --service or --dir", sys.stderr)
+        return 2
+    return max(_run_one(directory, args) for directory in directories)
+
+
+def _run_one(directory: Path, args: argparse.Namespace) -> int:
     if not os.path.lexists(directory):
         # Nothing was ever spooled there: say so without creating the directory.
         if args.spool_command == "status":

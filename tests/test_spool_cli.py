@@ -278,3 +278,24 @@ def test_replay_refused_for_good_says_so_and_exits_1(
     st = json.loads(spool_cmd("--dir", str(tmp_path), "status", "--json").stdout)
     assert (st["segments"], st["rejected"]) == (0, 12)
     assert "rejected:  12 spans" in spool_cmd("--dir", str(tmp_path), "status").stdout
+
+
+def test_without_a_service_name_status_and_replay_cover_every_services_spool(
+    tmp_path: Path, receiver: OTLPReceiver  # noqa: F811
+) -> None:
+    """With no --dir, --service, OTEL_SERVICE_NAME or CTXPROP_SPOOL_DIR, status lists and replay sends every
+    service's spool under the state directory; purge refuses to guess which one."""
+    fill(tmp_path / "ctxprop" / "billing", 2, 3)
+    fill(tmp_path / "ctxprop" / "search", 1, 5)
+    env = {"XDG_STATE_HOME": str(tmp_path), "CTXPROP_SPOOL_DIR": "", "OTEL_SERVICE_NAME": ""}
+    status = spool_cmd("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    seen = {Path(st["directory"]).name: st["spans"] for st in map(json.loads, status.stdout.splitlines())}
+    assert seen == {"billing": 6, "search": 5}
+    purge = spool_cmd("purge", env=env)
+    assert purge.returncode == 2
+    assert "billing, search" in purge.stderr
+    replay = spool_cmd("replay", "--endpoint", receiver.endpoint, env=env)
+    assert replay.returncode == 0, replay.stderr
+    assert receiver.wait_for_spans(11, 10)
+    assert len(receiver.spans) == 11
