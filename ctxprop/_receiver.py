@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional, Union
 
+from ctxprop import _stats
+
 __all__ = ["MODES", "OTLPReceiver", "ReceivedSpan", "count_spans", "decode_request"]
 
 MODES = ("ok", "503", "429", "slow", "die")
@@ -257,6 +259,8 @@ class OTLPReceiver:
         self._spans: list[ReceivedSpan] = []
         self._requests = 0
         self._on_spans = on_spans
+        #: The last exception raised by ``on_spans`` (the request was still answered 200), or None.
+        self.callback_error: Optional[BaseException] = None
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._last_headers: dict[str, str] = {}
@@ -394,4 +398,8 @@ class OTLPReceiver:
                 self._spans.extend(spans)
             self._cond.notify_all()
         if self._on_spans is not None and not isinstance(spans, int):
-            self._on_spans(spans)
+            try:
+                self._on_spans(spans)
+            except Exception as exc:  # noqa: BLE001 - the spans were received: answer 200, never a retry
+                self.callback_error = exc
+                _stats.incr("receiver_callback_errors")

@@ -238,3 +238,16 @@ def test_client_hanging_up_before_the_answer_is_silent(capfd: pytest.CaptureFixt
         rx.set_mode("ok")
         assert _post(rx, body).status == 200  # and the receiver still serves
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_failing_on_spans_callback_still_answers_200() -> None:
+    """An exception in the on_spans callback is kept and counted; the request is answered 200 and its spans
+    are recorded, so the sender does not retry (and deliver twice)."""
+    def broken(spans: list[support.ReceivedSpan]) -> None:
+        raise RuntimeError("callback bug")
+
+    with OTLPReceiver(on_spans=broken) as rx:
+        answer = _post(rx, encode_spans(_spans(2)).SerializeToString())
+        assert answer.status == 200
+        assert len(rx.spans) == 2
+        assert isinstance(rx.callback_error, RuntimeError)
