@@ -9,6 +9,7 @@ built on the worker side, in ``run``, off the submitter's clock.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 import threading
@@ -24,7 +25,15 @@ if sys.version_info >= (3, 10):
 else:  # pragma: no cover - 3.9
     from typing_extensions import ParamSpec
 
-__all__ = ["CaptureHook", "Snapshot", "capture", "propagated", "register_capture_hook", "wrap"]
+__all__ = [
+    "CaptureHook",
+    "PortableCaptureHook",
+    "Snapshot",
+    "capture",
+    "propagated",
+    "register_capture_hook",
+    "wrap",
+]
 
 P = ParamSpec("P")
 _new_object = object.__new__
@@ -48,9 +57,33 @@ class CaptureHook(Protocol, Generic[T]):
         ...
 
 
+class PortableCaptureHook(CaptureHook[T], Protocol):
+    """A capture hook whose state can also cross a process boundary (process pools).
+
+    ``capture_portable`` runs on the submitting side of every process-pool task (never on the thread
+    path) and returns the state as ``bytes`` it pickled itself (so it alone decides what to drop when a
+    value does not pickle), or None for nothing to carry. ``portable_activator`` names a module-level
+    function: the worker process imports it by name and calls it with those bytes inside the task's own
+    context copy, before the task. ``enter_worker``, if the hook has it, runs once in each
+    ``ContextAwareProcessPoolExecutor`` worker before the user's initializer (e.g. to drop state a
+    forked worker inherited). None of them may raise; faults are counted, never passed on.
+    """
+
+    def capture_portable(self) -> Optional[bytes]:
+        """Called on the submitting side of a process-pool task; must be cheap and never raise."""
+        ...
+
+    def portable_activator(self) -> Callable[[bytes], None]:
+        """The module-level function that applies ``capture_portable``'s bytes in the worker."""
+        ...
+
+
 # A tuple swapped whole, so the submit path reads it without a lock; registrations serialise on
 # _hooks_lock so two at once cannot drop one another.
 _hooks: tuple[CaptureHook[Any], ...] = ()
+# The portable hooks among them, with their activator's (module, qualified name): resolved by name in the
+# worker, so an activator that cannot be imported there costs that task its hook state, never the task.
+_portable: tuple[tuple[Any, str, str], ...] = ()
 _hooks_lock = threading.Lock()
 
 
@@ -66,17 +99,91 @@ if hasattr(os, "register_at_fork"):
 
 def register_capture_hook(hook: CaptureHook[Any]) -> None:
     """Carry ``hook``'s state with every capture from now on (idempotent per hook object)."""
-    global _hooks  # noqa: PLW0603
+    global _hooks, _portable  # noqa: PLW0603
     with _hooks_lock:
         if not any(h is hook for h in _hooks):
             _hooks = (*_hooks, hook)
+            named = _activator_name(hook)
+            if named is not None:
+                _portable = (*_portable, (hook, *named))
 
 
 def unregister_capture_hook(hook: CaptureHook[Any]) -> None:
     """Stop carrying ``hook``'s state."""
-    global _hooks  # noqa: PLW0603
+    global _hooks, _portable  # noqa: PLW0603
     with _hooks_lock:
         _hooks = tuple(h for h in _hooks if h is not hook)
+        _portable = tuple(p for p in _portable if p[0] is not hook)
+
+
+def _activator_name(hook: Any) -> Optional[tuple[str, str]]:
+    """(module, qualified name) of a portable hook's activator, or None when it has none that a worker
+    could import by name (a lambda, a nested function): such a hook only travels within the process."""
+    if not callable(getattr(hook, "capture_portable", None)):
+        return None
+    try:
+        fn = hook.portable_activator()
+        name = (fn.__module__, fn.__qualname__)
+        if _resolve(*name) is not fn:
+            raise LookupError(name)
+    except Exception:  # noqa: BLE001 - a hook's fault must not reach the caller registering it
+        _stats.incr("capture_hook_errors")
+        return None
+    return name
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+#: What a process-pool envelope carries per portable hook: (activator module, qualified name, state).
+PortableState = tuple[tuple[str, str, bytes], ...]
+
+
+def _capture_portable() -> PortableState:
+    """The portable hooks' states, for one process-pool task (call only when ``_portable`` is set)."""
+    out = []
+    for hook, module, qualname in _portable:
+        try:
+            state = hook.capture_portable()
+            if state is None:
+                continue
+            if type(state) is not bytes:
+                raise TypeError(f"capture_portable() returned {type(state).__name__}, not bytes")
+            out.append((module, qualname, state))
+        except Exception:  # noqa: BLE001 - a hook's fault must not fail the submit
+            _stats.incr("capture_hook_errors")
+    return tuple(out)
+
+
+_activators: dict[tuple[str, str], Callable[[bytes], None]] = {}
+
+
+def _activate_portable(portable: PortableState) -> None:
+    """In the worker, inside the task's own context copy: apply each carried state (never raises)."""
+    for module, qualname, state in portable:
+        try:
+            fn = _activators.get((module, qualname))
+            if fn is None:
+                fn = _activators[module, qualname] = _resolve(module, qualname)
+            fn(state)
+        except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
+            _stats.incr("capture_hook_errors")
+
+
+def _enter_worker() -> None:
+    """Once per pool worker, before the user's initializer: let hooks drop state inherited by fork."""
+    for hook in _hooks:
+        enter = getattr(hook, "enter_worker", None)
+        if enter is None:
+            continue
+        try:
+            enter()
+        except Exception:  # noqa: BLE001 - a hook's fault must not break the worker
+            _stats.incr("capture_hook_errors")
 
 
 def _capture_extra() -> tuple[tuple[CaptureHook[Any], Any], ...]:

@@ -29,8 +29,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 
-from ctxprop import _stats
-from ctxprop._capture import _enter
+from ctxprop import _capture, _stats
+from ctxprop._capture import PortableState, _activate_portable, _capture_portable, _enter
 from ctxprop._scopes import CURRENT, ISOLATION, AttrValue
 from ctxprop._spanwire import WireSpan, from_wire, to_wire
 
@@ -38,8 +38,11 @@ __all__ = ["ContextAwareProcessPoolExecutor", "bind_for_process", "submit_with_c
 
 R = TypeVar("R")
 
-# (parent pid, W3C carrier, isolation tags, current tags, pickled parent resource or None)
-_Envelope = tuple[int, dict[str, str], dict[str, AttrValue], dict[str, AttrValue], Optional[bytes]]
+# (parent pid, W3C carrier, isolation tags, current tags, pickled parent resource or None, portable capture
+# hooks' states: empty, so one byte on the wire, unless such a hook is registered, e.g. the Sentry adapter)
+_Envelope = tuple[
+    int, dict[str, str], dict[str, AttrValue], dict[str, AttrValue], Optional[bytes], PortableState
+]
 # (ok, value or exception, spans made in the worker during the task)
 _Outcome = tuple[bool, Any, tuple[WireSpan, ...]]
 
@@ -88,6 +91,7 @@ def _envelope() -> _Envelope:
         ISOLATION.get()._tags,
         CURRENT.get()._tags,
         _resource_blob(_parent_provider()),
+        _capture_portable() if _capture._portable else (),
     )
 
 
@@ -356,6 +360,10 @@ def _worker_collector(blob: Optional[bytes]) -> Optional[_Collector]:
 
 def _worker_initializer(initializer: Optional[Callable[..., object]], initargs: tuple[Any, ...]) -> None:
     _enter_worker_process()
+    if _capture._hooks:
+        # Runs in the worker's own main context, which tasks copy: a forked worker drops hook state it
+        # inherited from whichever thread started it (e.g. that thread's Sentry scopes at the time).
+        _capture._enter_worker()
     if initializer is not None:
         initializer(*initargs)
 
@@ -367,6 +375,8 @@ def _in_context(envelope: _Envelope, fn: Callable[..., Any], args: Any, kwargs: 
             otel_context.attach(propagate.extract(carrier))
         except Exception:  # noqa: BLE001 - a bad carrier degrades to a new trace, never a failed task
             _stats.incr("propagation_errors")
+    if envelope[5]:
+        _activate_portable(envelope[5])
     # Scopes forked from the tags exactly as a thread-pool task gets them.
     return _enter(envelope[2], envelope[3], (), fn, args, kwargs)
 

@@ -13,20 +13,40 @@ How it gets enabled (only then does capture pay anything; never is a Sentry fork
 - call ``ctxprop.init()`` after ``sentry_sdk.init()``: :func:`auto_enable` turns it on when Sentry is
   already initialised; or
 - call :func:`enable` yourself.
+
+Process pools (``ContextAwareProcessPoolExecutor``, ``run_in_executor_with_context`` or
+``bind_for_process`` with any ``ProcessPoolExecutor``, and plain pools under ``ctxprop.instrument()``): a
+Scope cannot cross a process, so each task carries plain data read from the submitter's isolation and
+current scopes at submit time (tags, user, contexts, extras, level, fingerprint, transaction name,
+breadcrumbs; values that do not pickle are dropped and counted). If Sentry is initialised in the worker
+(by the pool's initializer, or inherited through fork), the task runs in forks of the worker's scopes with
+that data merged in as Sentry merges scopes, so its events carry it and nothing it sets reaches the next
+task. Without Sentry initialised in the worker, the data is ignored.
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, Optional
 
+import sentry_sdk
 import sentry_sdk.scope as _sentry_scope
 from sentry_sdk.integrations import Integration
 
-from ctxprop import _capture
+from ctxprop import _capture, _stats
 
-__all__ = ["CtxpropIntegration", "SentryScopesHook", "auto_enable", "disable", "enable", "enabled"]
+__all__ = [
+    "CtxpropIntegration",
+    "SentryScopesHook",
+    "activate_portable",
+    "auto_enable",
+    "disable",
+    "enable",
+    "enabled",
+]
 
 _State = tuple[Optional[Any], Optional[Any]]
 
@@ -51,6 +71,110 @@ class SentryScopesHook:
             _sentry_scope._isolation_scope.set(iso.fork())
         if cur is not None:
             _sentry_scope._current_scope.set(cur.fork())
+
+    def capture_portable(self) -> Optional[bytes]:
+        iso = _scope_data(_sentry_scope._isolation_scope.get())
+        cur = _scope_data(_sentry_scope._current_scope.get())
+        if not iso and not cur:
+            return None
+        try:
+            return pickle.dumps((iso, cur), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001, S110 - some value does not pickle: the slow path drops it
+            pass
+        try:
+            return pickle.dumps((_picklable(iso), _picklable(cur)), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - the submit must never fail because of Sentry state
+            _stats.incr("sentry_adapter_errors")
+            return None
+
+    def portable_activator(self) -> Callable[[bytes], None]:
+        return activate_portable
+
+    def enter_worker(self) -> None:
+        # A forked pool worker starts with copies of the scopes of the thread that started it: stale for
+        # every later task, which gets the submitter's own data instead. Fresh ones for the worker.
+        if _sentry_scope._isolation_scope.get() is not None:
+            _sentry_scope._isolation_scope.set(None)
+        if _sentry_scope._current_scope.get() is not None:
+            _sentry_scope._current_scope.set(None)
+
+
+# Scope attributes carried to process-pool workers. Sentry has no public getters for them; read
+# defensively (a missing one is skipped), so a Sentry release that renames one loses that field only.
+_SCALARS = ("_level", "_fingerprint", "_transaction", "_user")
+_MAPPINGS = ("_tags", "_contexts", "_extras", "_transaction_info")
+_BREADCRUMBS = "_breadcrumbs"
+
+
+def _scope_data(scope: Any) -> dict[str, Any]:
+    """The non-empty carried fields of ``scope``, by reference (pickled at once, so never copied)."""
+    data: dict[str, Any] = {}
+    if scope is None:
+        return data
+    for name in (*_SCALARS, *_MAPPINGS):
+        value = getattr(scope, name, None)
+        if value:
+            data[name] = value
+    crumbs = getattr(scope, _BREADCRUMBS, None)
+    if crumbs:
+        data[_BREADCRUMBS] = list(crumbs)
+    return data
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - whatever pickling raises, the value stays home
+        _stats.incr("sentry_values_dropped")
+        return False
+    return True
+
+
+def _picklable(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the values that do not pickle: per key of a mapping, per breadcrumb."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in _MAPPINGS and isinstance(value, dict):
+            out[name] = {k: v for k, v in value.items() if _pickles((k, v))}
+        elif name == _BREADCRUMBS:
+            out[name] = [crumb for crumb in value if _pickles(crumb)]
+        elif _pickles(value):
+            out[name] = value
+    return out
+
+
+def _apply(scope: Any, data: dict[str, Any]) -> None:
+    """Merge carried fields into a fresh fork, as Sentry's ``Scope.update_from_scope`` merges scopes."""
+    for name, value in data.items():
+        if name in _SCALARS:
+            setattr(scope, name, value)
+        elif name in _MAPPINGS:
+            getattr(scope, name).update(value)  # the fork's own copy of the dict
+        elif name == _BREADCRUMBS:
+            crumbs = scope._breadcrumbs
+            crumbs.extend(value)
+            client = scope.get_client()
+            limit = client.options.get("max_breadcrumbs", 100) if client.is_active() else 100
+            while len(crumbs) > limit:
+                crumbs.popleft()
+
+
+def activate_portable(state: bytes) -> None:
+    """In a process-pool worker, inside the task's own context: enter forks of the worker's Sentry scopes
+    with the submitter's data merged in. Does nothing where Sentry is not initialised.
+
+    .. versionadded:: 0.1.0
+    """
+    if not sentry_sdk.is_initialized():
+        return
+    iso_data, cur_data = pickle.loads(state)  # noqa: S301 - bytes made by ctxprop in the submitting process
+    # get_*_scope() makes (and sets, in this discarded context copy) a scope where the worker had none.
+    iso = _sentry_scope.Scope.get_isolation_scope().fork()
+    cur = _sentry_scope.Scope.get_current_scope().fork()
+    _apply(iso, iso_data)
+    _apply(cur, cur_data)
+    _sentry_scope._isolation_scope.set(iso)
+    _sentry_scope._current_scope.set(cur)
 
 
 _HOOK = SentryScopesHook()
@@ -100,8 +224,6 @@ def auto_enable() -> bool:
         if sdk is not None and sdk.is_initialized():
             enable()
     except Exception:  # noqa: BLE001 - a Sentry fault must not break ctxprop.init()
-        from ctxprop import _stats
-
         _stats.incr("sentry_adapter_errors")
     return enabled()
 

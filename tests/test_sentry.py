@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -304,3 +308,92 @@ def test_ctxprop_init_turns_the_adapter_on_when_sentry_is_initialised() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.json_lines[-1] == {"before": False, "after": True}
+
+
+# --- process pools: the scopes' data travels with each task --------------------------------------------------
+
+
+class FileTransport(Transport):
+    """In a pool worker: appends every event Sentry would send to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def capture_envelope(self, envelope: Any) -> None:
+        event = envelope.get_event()
+        if event is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event, default=str) + "\n")
+
+
+def _init_worker_sentry(path: str) -> None:
+    """Pool initializer: Sentry in the worker, sending to ``path`` (no ctxprop integration named)."""
+    sentry_sdk.init(
+        dsn="http://public@127.0.0.1:9/1",
+        transport=FileTransport(path),
+        default_integrations=False,
+        auto_enabling_integrations=False,
+    )
+
+
+def _capture_in_worker(message: str, own_tag: str) -> int:
+    """A task: sets a tag of its own (which must stay in this task), then captures ``message``."""
+    sentry_sdk.set_tag(own_tag, "yes")
+    sentry_sdk.capture_message(message)
+    sentry_sdk.flush()
+    return os.getpid()
+
+
+def _worker_events(path: Path) -> dict[str, dict[str, Any]]:
+    events: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        events[event["message"]] = event
+    return events
+
+
+def _noop() -> int:
+    return os.getpid()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_process_pool_tasks_carry_the_submitters_sentry_scopes(
+    sentry: ListTransport, tmp_path: Path, method: str
+) -> None:
+    """Each round's tags, user, contexts, extras, breadcrumbs reach events captured in a pool worker whose
+    initializer inits Sentry; a task's own tag and the pool creator's scope never reach a later task."""
+    path = tmp_path / "events.jsonl"
+    pool = ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_init_worker_sentry,
+        initargs=(str(path),),
+    )
+    with pool:
+        with sentry_sdk.isolation_scope():
+            sentry_sdk.set_tag("pool_creator", "yes")
+            worker_pid = pool.submit(_noop).result(timeout=60)  # starts the worker (forks it here)
+        for rnd in range(1, 4):
+            with sentry_sdk.isolation_scope():
+                sentry_sdk.set_tag("round", str(rnd))
+                sentry_sdk.set_user({"id": f"user-{rnd}"})
+                sentry_sdk.set_context("job", {"round": rnd})
+                sentry_sdk.set_extra("attempt", rnd)
+                sentry_sdk.add_breadcrumb(message=f"crumb {rnd}", category="test")
+                with sentry_sdk.new_scope():
+                    sentry_sdk.get_current_scope().set_tag("phase", f"p{rnd}")
+                    sentry_sdk.get_current_scope().set_level("warning")
+                    pid = pool.submit(_capture_in_worker, f"round {rnd}", f"own{rnd}").result(timeout=60)
+                assert pid == worker_pid
+    events = _worker_events(path)
+    assert sorted(events) == ["round 1", "round 2", "round 3"]
+    for rnd in range(1, 4):
+        event = events[f"round {rnd}"]
+        assert _tags(event) == {"round": str(rnd), "phase": f"p{rnd}", f"own{rnd}": "yes"}
+        assert event["user"] == {"id": f"user-{rnd}"}
+        assert event["contexts"]["job"] == {"round": rnd}
+        assert event["extra"] == {"attempt": rnd}
+        assert event["level"] == "warning"
+        assert [c["message"] for c in event["breadcrumbs"]["values"]] == [f"crumb {rnd}"]
+    assert sentry.events == []  # nothing was captured in this process
