@@ -310,7 +310,7 @@ def test_ctxprop_init_turns_the_adapter_on_when_sentry_is_initialised() -> None:
     assert result.json_lines[-1] == {"before": False, "after": True}
 
 
-# --- process pools: the scopes' data travels with each task --------------------------------------------------
+# --- process pools: the scopes' data travels with each task ---------------------------------------------
 
 
 class FileTransport(Transport):
@@ -397,3 +397,104 @@ def test_process_pool_tasks_carry_the_submitters_sentry_scopes(
         assert event["level"] == "warning"
         assert [c["message"] for c in event["breadcrumbs"]["values"]] == [f"crumb {rnd}"]
     assert sentry.events == []  # nothing was captured in this process
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_plain_process_pool_through_run_in_executor_with_context(
+    sentry: ListTransport, tmp_path: Path, method: str
+) -> None:
+    """A plain ProcessPoolExecutor behind run_in_executor_with_context: each request's Sentry tags and
+    user are on the event its worker task captures, and one task's own tag is not on the next's."""
+    path = tmp_path / "events.jsonl"
+
+    async def handler(pool: ProcessPoolExecutor, rid: str) -> None:
+        with sentry_sdk.isolation_scope():
+            sentry_sdk.set_tag("request_id", rid)
+            sentry_sdk.set_user({"id": f"user-{rid}"})
+            await ctxprop.run_in_executor_with_context(
+                None, pool, _capture_in_worker, f"req {rid}", f"own{rid}"
+            )
+
+    async def main() -> None:
+        with ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context(method),
+            initializer=_init_worker_sentry,
+            initargs=(str(path),),
+        ) as pool:
+            for rid in ("a", "b", "c"):
+                await handler(pool, rid)
+
+    asyncio.run(main())
+    events = _worker_events(path)
+    for rid in ("a", "b", "c"):
+        event = events[f"req {rid}"]
+        assert _tags(event) == {"request_id": rid, f"own{rid}": "yes"}
+        assert event["user"] == {"id": f"user-{rid}"}
+
+
+def test_plain_process_pool_under_instrument(sentry: ListTransport, tmp_path: Path) -> None:
+    """Under ctxprop.instrument(), a plain ProcessPoolExecutor's submit carries the Sentry scope data."""
+    path = tmp_path / "events.jsonl"
+    ctxprop.instrument()
+    try:
+        with ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_init_worker_sentry,
+            initargs=(str(path),),
+        ) as pool:
+            for rnd in (1, 2):
+                with sentry_sdk.isolation_scope():
+                    sentry_sdk.set_tag("round", str(rnd))
+                    pool.submit(_capture_in_worker, f"round {rnd}", f"own{rnd}").result(timeout=60)
+    finally:
+        ctxprop.uninstrument()
+    events = _worker_events(path)
+    for rnd in (1, 2):
+        assert _tags(events[f"round {rnd}"]) == {"round": str(rnd), f"own{rnd}": "yes"}
+
+
+def _sentry_state_in_worker() -> dict[str, Any]:
+    """A task: whether Sentry is initialised here, and what ctxprop counted in this worker."""
+    return {"initialized": sentry_sdk.is_initialized(), "stats": ctxprop.stats()}
+
+
+def test_worker_without_sentry_initialised_runs_tasks_normally(sentry: ListTransport, tmp_path: Path) -> None:
+    """Sentry not initialised in a (spawned) worker: tasks run and nothing is counted as a fault; once a
+    task initialises Sentry there, later tasks' events carry their submitter's tags."""
+    path = tmp_path / "events.jsonl"
+    with ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        sentry_sdk.set_tag("job", "nightly")
+        before = pool.submit(_sentry_state_in_worker).result(timeout=60)
+        pool.submit(_init_worker_sentry, str(path)).result(timeout=60)
+        pool.submit(_capture_in_worker, "after init", "own").result(timeout=60)
+    assert before["initialized"] is False
+    assert before["stats"].get("capture_hook_errors", 0) == 0
+    assert _tags(_worker_events(path)["after init"]) == {"job": "nightly", "own": "yes"}
+
+
+def test_unpicklable_scope_values_are_dropped_not_fatal(sentry: ListTransport, tmp_path: Path) -> None:
+    """A tag, extra or breadcrumb that does not pickle is left out (and counted); the submit succeeds and
+    the event carries everything else."""
+    path = tmp_path / "events.jsonl"
+    with ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_init_worker_sentry,
+        initargs=(str(path),),
+    ) as pool:
+        sentry_sdk.set_tag("job", "nightly")
+        sentry_sdk.set_tag("lock", threading.Lock())
+        sentry_sdk.set_extra("fine", [1, 2])
+        sentry_sdk.set_extra("handle", threading.Lock())
+        sentry_sdk.add_breadcrumb(message="kept")
+        sentry_sdk.add_breadcrumb(message="dropped", data={"lock": threading.Lock()})
+        pool.submit(_capture_in_worker, "mixed", "own").result(timeout=60)
+    event = _worker_events(path)["mixed"]
+    assert _tags(event) == {"job": "nightly", "own": "yes"}
+    assert event["extra"] == {"fine": [1, 2]}
+    assert [c["message"] for c in event["breadcrumbs"]["values"]] == ["kept"]
+    assert ctxprop.stats()["sentry_values_dropped"] == 3
