@@ -7,14 +7,15 @@ import contextvars
 import json
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from opentelemetry import baggage, trace
@@ -25,6 +26,7 @@ from opentelemetry.trace import StatusCode
 from support import OTLPReceiver, child_env, receiver  # noqa: F401
 
 import ctxprop
+from ctxprop import _capture
 from ctxprop._process_pool import bind_for_process, unpack_result
 
 METHODS = ["fork", "spawn", "forkserver"]
@@ -491,3 +493,121 @@ def test_non_callable_initializer_rejected_at_construction() -> None:
         ProcessPoolExecutor(initializer=42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="initializer must be a callable"):
         ctxprop.ContextAwareProcessPoolExecutor(initializer=42)  # type: ignore[arg-type]
+
+
+# --- portable capture hooks: a third-party SDK's state crossing the process boundary ----------------------
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+def apply_request(state: bytes) -> None:
+    """The activator of RequestHook: runs in the worker, inside the task's own context copy."""
+    REQUEST.set(pickle.loads(state))  # noqa: S301 - bytes this test's own parent made
+
+
+def failing_activator(state: bytes) -> None:
+    raise RuntimeError("activator fault")
+
+
+class RequestHook:
+    """A portable hook carrying REQUEST's value to process-pool workers (and nothing within the process)."""
+
+    def capture(self) -> None:
+        return None
+
+    def activate(self, state: None) -> None:
+        pass
+
+    def capture_portable(self) -> Optional[bytes]:
+        value = REQUEST.get()
+        return None if value == "none" else pickle.dumps(value)
+
+    def portable_activator(self) -> Callable[[bytes], None]:
+        return apply_request
+
+
+class FaultyHook(RequestHook):
+    """Every way a portable hook can misbehave, chosen by ``mode``."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def capture_portable(self) -> Optional[bytes]:
+        if self.mode == "capture raises":
+            raise RuntimeError("capture fault")
+        if self.mode == "not bytes":
+            return "text"  # type: ignore[return-value]
+        return pickle.dumps("x")
+
+    def portable_activator(self) -> Callable[[bytes], None]:
+        if self.mode == "activator raises":
+            return failing_activator
+        if self.mode == "lambda":
+            return lambda state: None  # cannot be imported by name in a worker: the hook stays local
+        return apply_request
+
+
+def request_in_worker() -> str:
+    return REQUEST.get()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_portable_hook_state_reaches_each_task_and_only_it(method: str) -> None:
+    """A registered portable hook's state reaches each task in the worker; the worker's own context and
+    a later task without state never see an earlier task's value."""
+    hook = RequestHook()
+    _capture.register_capture_hook(hook)
+    try:
+        with ctxprop.ContextAwareProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context(method)
+        ) as pool:
+            # Started with REQUEST unset: a forked worker would otherwise inherit the first value.
+            seen = [pool.submit(request_in_worker).result(timeout=60)]
+            for value in ("r-1", "r-2", "none"):
+                token = REQUEST.set(value)
+                seen.append(pool.submit(request_in_worker).result(timeout=60))
+                REQUEST.reset(token)
+    finally:
+        _capture.unregister_capture_hook(hook)
+    assert seen == ["none", "r-1", "r-2", "none"]
+
+
+def test_without_portable_hooks_the_envelope_carries_nothing_extra() -> None:
+    """No portable hook registered: the envelope's hook slot is the empty tuple (one byte pickled)."""
+    from ctxprop._process_pool import _envelope
+
+    assert _capture._portable == ()
+    assert _envelope()[5] == ()
+    hook = RequestHook()
+    _capture.register_capture_hook(hook)
+    try:
+        REQUEST.set("r-9")
+        assert _envelope()[5] == (("test_process_pool", "apply_request", pickle.dumps("r-9")),)
+    finally:
+        _capture.unregister_capture_hook(hook)
+    assert _capture._portable == ()
+
+
+def test_faulty_portable_hooks_never_fail_a_task() -> None:
+    """Portable hooks that raise, return non-bytes or name an activator that raises or cannot be imported
+    leave tasks running normally; the faults are counted, not raised."""
+    hooks = [FaultyHook(m) for m in ("capture raises", "not bytes", "activator raises", "lambda")]
+    for hook in hooks:
+        _capture.register_capture_hook(hook)
+    try:
+        assert [h.mode for h, _, _ in _capture._portable] == [
+            "capture raises",
+            "not bytes",
+            "activator raises",
+        ]
+        assert ctxprop.stats()["capture_hook_errors"] == 1  # the lambda, at registration
+        with ctxprop.ContextAwareProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            assert pool.submit(abs, -4).result(timeout=60) == 4
+            worker_stats = pool.submit(ctxprop.stats).result(timeout=60)
+    finally:
+        for hook in hooks:
+            _capture.unregister_capture_hook(hook)
+    assert worker_stats["capture_hook_errors"] == 2  # the activator raised in each of the two tasks
+    assert ctxprop.stats()["capture_hook_errors"] == 1 + 2 * 2  # capture raised, not bytes: per submit
