@@ -498,3 +498,25 @@ def test_unpicklable_scope_values_are_dropped_not_fatal(sentry: ListTransport, t
     assert event["extra"] == {"fine": [1, 2]}
     assert [c["message"] for c in event["breadcrumbs"]["values"]] == ["kept"]
     assert ctxprop.stats()["sentry_values_dropped"] == 3
+
+
+def test_breadcrumbs_added_between_submits_reach_the_later_task(
+    sentry: ListTransport, tmp_path: Path
+) -> None:
+    """From one scope: a task gets the breadcrumbs as they were at its submit (the pickled crumbs are
+    reused only while the scope's crumbs are unchanged)."""
+    path = tmp_path / "events.jsonl"
+    with ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_init_worker_sentry,
+        initargs=(str(path),),
+    ) as pool:
+        sentry_sdk.add_breadcrumb(message="one")
+        pool.submit(_capture_in_worker, "first", "own").result(timeout=60)
+        pool.submit(_capture_in_worker, "again", "own").result(timeout=60)
+        sentry_sdk.add_breadcrumb(message="two")
+        pool.submit(_capture_in_worker, "second", "own").result(timeout=60)
+    events = _worker_events(path)
+    crumbs = {m: [c["message"] for c in events[m]["breadcrumbs"]["values"]] for m in events}
+    assert crumbs == {"first": ["one"], "again": ["one"], "second": ["one", "two"]}
