@@ -311,6 +311,11 @@ def _enter_worker_process() -> None:
             _redirect(inherited)
     except Exception:  # noqa: BLE001 - the task must still run when the inherited pipeline is odd
         _stats.incr("process_worker_setup_errors")
+    if _capture._hooks:
+        # In the worker's own main context, which tasks copy (before the user's initializer in our pool,
+        # at the first task in a plain one): a forked worker drops hook state it inherited from whichever
+        # thread started it, e.g. that thread's Sentry scopes at the time.
+        _capture._enter_worker()
 
 
 def _redirect(inherited: TracerProvider) -> None:
@@ -360,10 +365,6 @@ def _worker_collector(blob: Optional[bytes]) -> Optional[_Collector]:
 
 def _worker_initializer(initializer: Optional[Callable[..., object]], initargs: tuple[Any, ...]) -> None:
     _enter_worker_process()
-    if _capture._hooks:
-        # Runs in the worker's own main context, which tasks copy: a forked worker drops hook state it
-        # inherited from whichever thread started it (e.g. that thread's Sentry scopes at the time).
-        _capture._enter_worker()
     if initializer is not None:
         initializer(*initargs)
 

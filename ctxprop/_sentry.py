@@ -26,6 +26,7 @@ task. Without Sentry initialised in the worker, the data is ignored.
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import threading
@@ -77,12 +78,13 @@ class SentryScopesHook:
         cur = _scope_data(_sentry_scope._current_scope.get(), 1)
         if not iso and not cur:
             return None
+        pid = os.getpid()
         try:
-            return pickle.dumps((iso, cur), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((pid, iso, cur), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001, S110 - some value does not pickle: the slow path drops it
             pass
         try:
-            return pickle.dumps((_picklable(iso), _picklable(cur)), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((pid, _picklable(iso), _picklable(cur)), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - the submit must never fail because of Sentry state
             _stats.incr("sentry_adapter_errors")
             return None
@@ -92,7 +94,11 @@ class SentryScopesHook:
 
     def enter_worker(self) -> None:
         # A forked pool worker starts with copies of the scopes of the thread that started it: stale for
-        # every later task, which gets the submitter's own data instead. Fresh ones for the worker.
+        # every later task, which gets the submitter's own data instead. Fresh ones for the worker. A
+        # process that imported this module itself (spawn) inherited nothing: what its initializer set
+        # stays.
+        if os.getpid() == _IMPORT_PID:
+            return
         if _sentry_scope._isolation_scope.get() is not None:
             _sentry_scope._isolation_scope.set(None)
         if _sentry_scope._current_scope.get() is not None:
@@ -192,17 +198,21 @@ def activate_portable(state: bytes) -> None:
     """
     if not sentry_sdk.is_initialized():
         return
-    iso_data, cur_data = pickle.loads(state)  # noqa: S301 - bytes made by ctxprop in the submitting process
+    pid, iso_data, cur_data = pickle.loads(state)  # noqa: S301 - bytes ctxprop made in the submitting process
     # get_*_scope() makes (and sets, in this discarded context copy) a scope where the worker had none.
     iso = _sentry_scope.Scope.get_isolation_scope().fork()
     cur = _sentry_scope.Scope.get_current_scope().fork()
-    _apply(iso, iso_data)
-    _apply(cur, cur_data)
+    if pid != os.getpid():
+        # In the submitting process itself (a bound task called directly) the scopes already hold the
+        # data: forking is all the isolation needed, and merging would repeat every breadcrumb.
+        _apply(iso, iso_data)
+        _apply(cur, cur_data)
     _sentry_scope._isolation_scope.set(iso)
     _sentry_scope._current_scope.set(cur)
 
 
 _HOOK = SentryScopesHook()
+_IMPORT_PID = os.getpid()
 _lock = threading.Lock()
 
 

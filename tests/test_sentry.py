@@ -20,6 +20,7 @@ from support import run_child
 
 import ctxprop
 from ctxprop import _capture, _sentry
+from ctxprop._process_pool import bind_for_process, unpack_result
 
 
 class ListTransport(Transport):
@@ -404,7 +405,8 @@ def test_plain_process_pool_through_run_in_executor_with_context(
     sentry: ListTransport, tmp_path: Path, method: str
 ) -> None:
     """A plain ProcessPoolExecutor behind run_in_executor_with_context: each request's Sentry tags and
-    user are on the event its worker task captures, and one task's own tag is not on the next's."""
+    user are on the event its worker task captures; neither one task's own tag nor the scopes of the
+    thread that started the worker reach another task."""
     path = tmp_path / "events.jsonl"
 
     async def handler(pool: ProcessPoolExecutor, rid: str) -> None:
@@ -422,6 +424,11 @@ def test_plain_process_pool_through_run_in_executor_with_context(
             initializer=_init_worker_sentry,
             initargs=(str(path),),
         ) as pool:
+            with sentry_sdk.isolation_scope():
+                # Starts (under fork: forks) the worker here; these scopes must not reach later tasks.
+                sentry_sdk.set_tag("pool_creator", "yes")
+                sentry_sdk.add_breadcrumb(message="creator crumb")
+                await ctxprop.run_in_executor_with_context(None, pool, _noop)
             for rid in ("a", "b", "c"):
                 await handler(pool, rid)
 
@@ -431,6 +438,7 @@ def test_plain_process_pool_through_run_in_executor_with_context(
         event = events[f"req {rid}"]
         assert _tags(event) == {"request_id": rid, f"own{rid}": "yes"}
         assert event["user"] == {"id": f"user-{rid}"}
+        assert "breadcrumbs" not in event or event["breadcrumbs"]["values"] == []
 
 
 def test_plain_process_pool_under_instrument(sentry: ListTransport, tmp_path: Path) -> None:
@@ -520,3 +528,22 @@ def test_breadcrumbs_added_between_submits_reach_the_later_task(
     events = _worker_events(path)
     crumbs = {m: [c["message"] for c in events[m]["breadcrumbs"]["values"]] for m in events}
     assert crumbs == {"first": ["one"], "again": ["one"], "second": ["one", "two"]}
+
+
+def _tag_and_capture(message: str) -> None:
+    sentry_sdk.set_tag("task", "yes")
+    sentry_sdk.capture_message(message)
+
+
+def test_bound_task_called_in_the_submitting_process(sentry: ListTransport) -> None:
+    """bind_for_process's callable run in the submitting process itself: the task's event has the
+    caller's tags and breadcrumbs once each, and the task's own tag stays out of the caller's scope."""
+    sentry_sdk.set_tag("caller", "yes")
+    sentry_sdk.add_breadcrumb(message="before")
+    bound = bind_for_process(_tag_and_capture, ("in process",))
+    unpack_result(bound())
+    sentry_sdk.capture_message("caller after")
+    event = sentry.by_message("in process")
+    assert _tags(event) == {"caller": "yes", "task": "yes"}
+    assert [c["message"] for c in event["breadcrumbs"]["values"]] == ["before"]
+    assert _tags(sentry.by_message("caller after")) == {"caller": "yes"}
