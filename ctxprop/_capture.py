@@ -64,9 +64,12 @@ class PortableCaptureHook(CaptureHook[T], Protocol):
     path) and returns the state as ``bytes`` it pickled itself (so it alone decides what to drop when a
     value does not pickle), or None for nothing to carry. ``portable_activator`` names a module-level
     function: the worker process imports it by name and calls it with those bytes inside the task's own
-    context copy, before the task. ``enter_worker``, if the hook has it, runs once in each
-    ``ContextAwareProcessPoolExecutor`` worker before the user's initializer (e.g. to drop state a
-    forked worker inherited). None of them may raise; faults are counted, never passed on.
+    context copy, before the task. ``enter_worker``, if the hook has it, runs once in each pool worker,
+    in its main context (a ``ContextAwareProcessPoolExecutor`` worker: before the user's initializer; a
+    plain pool's: at its first task), e.g. to drop state a forked worker inherited. None of them may
+    raise; faults are counted, never passed on.
+
+    .. versionadded:: 0.1.0
     """
 
     def capture_portable(self) -> Optional[bytes]:
@@ -175,7 +178,7 @@ def _activate_portable(portable: PortableState) -> None:
 
 
 def _enter_worker() -> None:
-    """Once per pool worker, before the user's initializer: let hooks drop state inherited by fork."""
+    """Once per pool worker, in its main context: let hooks drop state a forked worker inherited."""
     for hook in _hooks:
         enter = getattr(hook, "enter_worker", None)
         if enter is None:

@@ -9,6 +9,9 @@ the task's outcome, and the parent feeds them to its own provider's processors, 
 exporter (with its configuration, spool and retries) with no set-up in the worker. This works the same
 under fork, spawn and forkserver, and needs nothing at worker exit, where pool workers skip ``atexit``.
 
+Portable capture hooks (the Sentry adapter, when enabled) add their own state to the envelope, applied in
+the worker inside the task's context; with none registered the envelope has an empty slot and nothing else.
+
 A forked worker inherits the parent's pipeline with the parent's queued spans: it is dropped without
 export (``_pipeline.forget()``), so nothing is sent twice.
 """
