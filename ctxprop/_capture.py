@@ -199,6 +199,14 @@ def _capture_extra() -> tuple[tuple[CaptureHook[Any], Any], ...]:
     return tuple(extra)
 
 
+def _activate_hooks(extra: tuple[tuple[CaptureHook[Any], Any], ...]) -> None:
+    for hook, state in extra:
+        try:
+            hook.activate(state)
+        except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
+            _stats.incr("capture_hook_errors")
+
+
 def _enter(
     iso_tags: dict[str, AttrValue],
     cur_tags: dict[str, AttrValue],
@@ -216,11 +224,8 @@ def _enter(
     scope._tags = cur_tags
     CURRENT.set(scope)
     PROPAGATED.set(True)
-    for hook, state in extra:
-        try:
-            hook.activate(state)
-        except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
-            _stats.incr("capture_hook_errors")
+    if extra:
+        _activate_hooks(extra)
     return fn(*args, **kwargs)
 
 
@@ -244,11 +249,8 @@ def _enter_flat(
     scope._tags = cur_tags
     CURRENT.set(scope)
     PROPAGATED.set(True)
-    for hook, state in extra:
-        try:
-            hook.activate(state)
-        except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's task
-            _stats.incr("capture_hook_errors")
+    if extra:
+        _activate_hooks(extra)
     return fn(*args, **kwargs)
 
 
