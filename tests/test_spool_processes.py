@@ -84,6 +84,27 @@ def start_child(code: str) -> tuple[subprocess.Popen[str], str]:
     return proc, path
 
 
+def run_together(code: str, n: int, timeout: float) -> list[tuple[str, str]]:
+    """Start ``n`` children of ``code``; once each printed "ready", release them all at once (a line on
+    stdin) and return their (stdout, stderr)."""
+    children = [start_child(code) for _ in range(n)]
+    try:
+        for proc, _path in children:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+        for proc, _path in children:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return [proc.communicate(timeout=timeout) for proc, _path in children]
+    finally:
+        for proc, path in children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            os.unlink(path)
+
+
 def test_two_processes_replaying_one_spool_deliver_exactly_once(
     tmp_path: Path,
     receiver: OTLPReceiver,  # noqa: F811
@@ -104,22 +125,7 @@ sys.stdin.readline()
 n = spool.replay(send, time.monotonic() + 60)
 print(json.dumps({{"sent": n}}), flush=True)
 """
-    children = [start_child(code) for _ in range(2)]
-    try:
-        for proc, _path in children:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready"
-        for proc, _path in children:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        outs = [proc.communicate(timeout=90) for proc, _path in children]
-    finally:
-        for proc, path in children:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            os.unlink(path)
+    outs = run_together(code, 2, timeout=90)
     sent = [json.loads(out.strip().splitlines()[-1])["sent"] for out, _err in outs]
     assert sum(sent) == 1000, outs
     assert min(sent) > 0, sent
@@ -313,22 +319,7 @@ for i in range(60):
     spool.append(bytes([i]) * 1000, 2)
 print("done", flush=True)
 """
-    children = [start_child(code) for _ in range(3)]
-    try:
-        for proc, _path in children:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready"
-        for proc, _path in children:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        outs = [proc.communicate(timeout=60) for proc, _path in children]
-    finally:
-        for proc, path in children:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-            os.unlink(path)
+    outs = run_together(code, 3, timeout=60)
     assert all(out.strip() == "done" for out, _err in outs), outs
     st = Spool.open(spool_dir, max_bytes=20000).status()
     assert st.bytes <= 20000
