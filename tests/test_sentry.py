@@ -338,6 +338,18 @@ def _init_worker_sentry(path: str) -> None:
     )
 
 
+def _sentry_pool(
+    path: Path, method: str = "fork", cls: type[ProcessPoolExecutor] = ctxprop.ContextAwareProcessPoolExecutor
+) -> ProcessPoolExecutor:
+    """A one-worker pool whose worker initialises Sentry with a transport writing events to ``path``."""
+    return cls(
+        max_workers=1,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_init_worker_sentry,
+        initargs=(str(path),),
+    )
+
+
 def _capture_in_worker(message: str, own_tag: str) -> int:
     """A task: sets a tag of its own (which must stay in this task), then captures ``message``."""
     sentry_sdk.set_tag(own_tag, "yes")
@@ -365,12 +377,7 @@ def test_process_pool_tasks_carry_the_submitters_sentry_scopes(
     """Each round's tags, user, contexts, extras, breadcrumbs reach events captured in a pool worker whose
     initializer inits Sentry; a task's own tag and the pool creator's scope never reach a later task."""
     path = tmp_path / "events.jsonl"
-    pool = ctxprop.ContextAwareProcessPoolExecutor(
-        max_workers=1,
-        mp_context=multiprocessing.get_context(method),
-        initializer=_init_worker_sentry,
-        initargs=(str(path),),
-    )
+    pool = _sentry_pool(path, method)
     with pool:
         with sentry_sdk.isolation_scope():
             sentry_sdk.set_tag("pool_creator", "yes")
@@ -418,12 +425,7 @@ def test_plain_process_pool_through_run_in_executor_with_context(
             )
 
     async def main() -> None:
-        with ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context(method),
-            initializer=_init_worker_sentry,
-            initargs=(str(path),),
-        ) as pool:
+        with _sentry_pool(path, method, ProcessPoolExecutor) as pool:
             with sentry_sdk.isolation_scope():
                 # Starts (under fork: forks) the worker here; these scopes must not reach later tasks.
                 sentry_sdk.set_tag("pool_creator", "yes")
@@ -446,12 +448,7 @@ def test_plain_process_pool_under_instrument(sentry: ListTransport, tmp_path: Pa
     path = tmp_path / "events.jsonl"
     ctxprop.instrument()
     try:
-        with ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("fork"),
-            initializer=_init_worker_sentry,
-            initargs=(str(path),),
-        ) as pool:
+        with _sentry_pool(path, cls=ProcessPoolExecutor) as pool:
             for rnd in (1, 2):
                 with sentry_sdk.isolation_scope():
                     sentry_sdk.set_tag("round", str(rnd))
@@ -488,12 +485,7 @@ def test_unpicklable_scope_values_are_dropped_not_fatal(sentry: ListTransport, t
     """A tag, extra or breadcrumb that does not pickle is left out (and counted); the submit succeeds and
     the event carries everything else."""
     path = tmp_path / "events.jsonl"
-    with ctxprop.ContextAwareProcessPoolExecutor(
-        max_workers=1,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_init_worker_sentry,
-        initargs=(str(path),),
-    ) as pool:
+    with _sentry_pool(path) as pool:
         sentry_sdk.set_tag("job", "nightly")
         sentry_sdk.set_tag("lock", threading.Lock())
         sentry_sdk.set_extra("fine", [1, 2])
@@ -514,12 +506,7 @@ def test_breadcrumbs_added_between_submits_reach_the_later_task(
     """From one scope: a task gets the breadcrumbs as they were at its submit (the pickled crumbs are
     reused only while the scope's crumbs are unchanged)."""
     path = tmp_path / "events.jsonl"
-    with ctxprop.ContextAwareProcessPoolExecutor(
-        max_workers=1,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_init_worker_sentry,
-        initargs=(str(path),),
-    ) as pool:
+    with _sentry_pool(path) as pool:
         sentry_sdk.add_breadcrumb(message="one")
         pool.submit(_capture_in_worker, "first", "own").result(timeout=60)
         pool.submit(_capture_in_worker, "again", "own").result(timeout=60)

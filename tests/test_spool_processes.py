@@ -84,6 +84,13 @@ def start_child(code: str) -> tuple[subprocess.Popen[str], str]:
     return proc, path
 
 
+def assert_each_span_once(receiver: OTLPReceiver, n: int) -> None:  # noqa: F811 - a parameter, not the fixture
+    """The collector got ``n`` distinct spans (the tests name each span uniquely) and none twice."""
+    counts = Counter(s.name for s in receiver.spans)
+    assert len(counts) == n
+    assert max(counts.values()) == 1
+
+
 def run_together(code: str, n: int, timeout: float) -> list[tuple[str, str]]:
     """Start ``n`` children of ``code``; once each printed "ready", release them all at once (a line on
     stdin) and return their (stdout, stderr)."""
@@ -130,9 +137,7 @@ print(json.dumps({{"sent": n}}), flush=True)
     assert sum(sent) == 1000, outs
     assert min(sent) > 0, sent
     assert receiver.wait_for_spans(1000, 10)
-    counts = Counter(s.name for s in receiver.spans)
-    assert len(counts) == 1000
-    assert max(counts.values()) == 1
+    assert_each_span_once(receiver, 1000)
     assert os.listdir(spool_dir) == [] or all(not n.startswith("seg-") for n in os.listdir(spool_dir))
 
 
@@ -179,9 +184,7 @@ print(json.dumps({{"sent": spool.replay(make_sender({receiver.endpoint!r}), time
     assert result.returncode == 0, result.stderr
     assert result.last("sent") == 85
     assert receiver.wait_for_spans(100, 10)
-    counts = Counter(s.name for s in receiver.spans)
-    assert len(counts) == 100
-    assert max(counts.values()) == 1
+    assert_each_span_once(receiver, 100)
     assert not any(n.startswith("seg-") for n in os.listdir(spool_dir))
 
 
@@ -487,9 +490,7 @@ print(json.dumps({{"background": background}}))
     assert up.stderr == ""
     assert up.last("background") == 1000
     assert receiver.wait_for_spans(1000, 10)
-    counts = Counter(s.name for s in receiver.spans)
-    assert len(counts) == 1000
-    assert max(counts.values()) == 1
+    assert_each_span_once(receiver, 1000)
     assert {s.service_name for s in receiver.spans} == {"e2e"}
     assert Spool.open(spool_dir).status().segments == 0
 
@@ -514,9 +515,7 @@ print(json.dumps({{"close_s": time.monotonic() - t0}}))
     assert result.returncode == 0, result.stderr
     assert result.last("close_s") <= 3.5
     assert receiver.wait_for_spans(1010, 10)
-    counts = Counter(s.name for s in receiver.spans)
-    assert len(counts) == 1010
-    assert max(counts.values()) == 1
+    assert_each_span_once(receiver, 1010)
 
 
 def test_spool_cap_drops_the_oldest_and_reports_the_count(
