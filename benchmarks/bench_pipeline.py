@@ -43,7 +43,7 @@ from ctxprop._tagging import ScopeTagSpanProcessor  # noqa: E402
 
 RECEIVER = """
 import sys
-from ctxprop._receiver import OTLPReceiver
+from ctxprop._devtools.receiver import OTLPReceiver
 rx = OTLPReceiver(keep_spans=False).start()
 print(rx.port, flush=True)
 sys.stdin.read()

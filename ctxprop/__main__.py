@@ -2,6 +2,6 @@
 
 import sys
 
-from ctxprop._cli import main
+from ctxprop._devtools.cli import main
 
 sys.exit(main())

@@ -35,7 +35,7 @@ def _describe(span: ReadableSpan) -> str:
 
 
 class _Rendered:
-    """A ReadableSpan seen through the fields ``ctxprop._tree`` draws."""
+    """A ReadableSpan seen through the fields ``ctxprop._devtools.tree`` draws."""
 
     __slots__ = (
         "attributes",
@@ -95,7 +95,7 @@ class SpanCapture:
 
     def tree(self, *, attributes: bool = False) -> str:
         """The captured spans drawn as trace trees (what the assertion messages show), for a print()."""
-        from ctxprop._tree import render_forest
+        from ctxprop._devtools.tree import render_forest
 
         lines = render_forest([_Rendered(s) for s in self.spans], attributes=attributes, show_service=False)
         return "\n".join(lines) if lines else "(no spans)"

@@ -27,7 +27,7 @@ def resize(image: int) -> int:
 
 
 def main() -> None:
-    from ctxprop._receiver import OTLPReceiver
+    from ctxprop._devtools.receiver import OTLPReceiver
 
     pool = ctxprop.ContextAwareProcessPoolExecutor(max_workers=2)
     with OTLPReceiver() as collector, tempfile.TemporaryDirectory() as spool:

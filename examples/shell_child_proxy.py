@@ -33,7 +33,7 @@ echo "${p}{this line is not JSON, so it is printed as is"
 
 
 def main() -> None:
-    from ctxprop._receiver import OTLPReceiver
+    from ctxprop._devtools.receiver import OTLPReceiver
 
     with OTLPReceiver() as collector, tempfile.TemporaryDirectory() as spool:
         ctxprop.init(service_name="etl", endpoint=collector.endpoint, spool_dir=spool)

@@ -16,7 +16,7 @@ import tempfile
 from opentelemetry import trace
 
 import ctxprop
-from ctxprop._receiver import OTLPReceiver
+from ctxprop._devtools.receiver import OTLPReceiver
 
 
 def main() -> None:

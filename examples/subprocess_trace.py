@@ -31,7 +31,7 @@ ctxprop.close()
 
 
 def main() -> None:
-    from ctxprop._receiver import OTLPReceiver
+    from ctxprop._devtools.receiver import OTLPReceiver
 
     with OTLPReceiver() as collector, tempfile.TemporaryDirectory() as spool:
         ctxprop.init(service_name="scheduler", endpoint=collector.endpoint, spool_dir=spool)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import pytest
 
-from ctxprop._receiver import OTLPReceiver, ReceivedSpan
+from ctxprop._devtools.receiver import OTLPReceiver, ReceivedSpan
 
 __all__ = ["REPO", "ChildResult", "OTLPReceiver", "ReceivedSpan", "receiver", "run_child"]
 

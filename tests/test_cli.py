@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxprop import _cli
+from ctxprop._devtools import cli as _cli
 
 
 def test_a_command_module_that_cannot_be_imported_fails_loudly(

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from support import REPO, child_env, run_child
 
-from ctxprop import _collector_cli
+from ctxprop._devtools import collector as _collector_cli
 
 DEADLINE = 60.0  # generous: the machine is shared by several test runs
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from support import REPO, child_env
 
-from ctxprop._demo import _Verdict
+from ctxprop._devtools.demo import _Verdict
 
 DEADLINE = 120.0
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from support import REPO, child_env
 
-from ctxprop._html import Section, render_waterfall
+from ctxprop._devtools.html import Section, render_waterfall
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 DEADLINE = 120.0

@@ -23,9 +23,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from support import OTLPReceiver, child_env, receiver  # noqa: F401
 
 from ctxprop import _spool, _stats
-from ctxprop._receiver import decode_request
+from ctxprop._devtools.receiver import decode_request
+from ctxprop._devtools.spool_cli import make_sender
 from ctxprop._spool import Spool, default_spool_dir
-from ctxprop._spool_cli import make_sender
 
 FAR = float("inf")
 

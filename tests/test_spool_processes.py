@@ -124,7 +124,7 @@ def test_two_processes_replaying_one_spool_deliver_exactly_once(
     code = f"""
 import json, sys, time
 from ctxprop._spool import Spool
-from ctxprop._spool_cli import make_sender
+from ctxprop._devtools.spool_cli import make_sender
 spool = Spool.open({str(spool_dir)!r})
 send = make_sender({receiver.endpoint!r})
 print("ready", flush=True)
@@ -152,7 +152,7 @@ def test_replayer_killed_mid_send_leaves_a_lease_the_next_process_recovers(
         f"""
 import threading, time
 from ctxprop._spool import Spool
-from ctxprop._spool_cli import make_sender
+from ctxprop._devtools.spool_cli import make_sender
 spool = Spool.open({str(spool_dir)!r})
 real = make_sender({receiver.endpoint!r})
 count = 0
@@ -176,7 +176,7 @@ spool.replay(send, time.monotonic() + 60)
         f"""
 import json, time
 from ctxprop._spool import Spool
-from ctxprop._spool_cli import make_sender
+from ctxprop._devtools.spool_cli import make_sender
 spool = Spool.open({str(spool_dir)!r})
 print(json.dumps({{"sent": spool.replay(make_sender({receiver.endpoint!r}), time.monotonic() + 60)}}))
 """
@@ -291,7 +291,7 @@ def test_corrupted_byte_on_disk_loses_only_that_record_in_the_next_process(
 import json, time
 import ctxprop
 from ctxprop._spool import Spool
-from ctxprop._spool_cli import make_sender
+from ctxprop._devtools.spool_cli import make_sender
 spool = Spool.open({str(spool_dir)!r})
 sent = spool.replay(make_sender({receiver.endpoint!r}), time.monotonic() + 60)
 print(json.dumps({{"sent": sent, "stats": ctxprop.stats(), "corrupt": spool.status().corrupt}}))

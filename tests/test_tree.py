@@ -1,11 +1,11 @@
-"""Text trace trees (``ctxprop._tree``), shared by the demo and the collector."""
+"""Text trace trees (``ctxprop._devtools.tree``), shared by the demo and the collector."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ctxprop import _tree
+from ctxprop._devtools import tree as _tree
 
 MS = 1_000_000
 

@@ -29,7 +29,7 @@ _STATUS = {0: "", 1: "OK", 2: "ERROR"}
 
 
 class SpanLike(Protocol):
-    """What the renderers read from a span (``ctxprop._receiver.ReceivedSpan`` has it all)."""
+    """What the renderers read from a span (``ctxprop._devtools.receiver.ReceivedSpan`` has it all)."""
 
     @property
     def trace_id(self) -> str: ...

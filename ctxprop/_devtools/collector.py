@@ -21,7 +21,7 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from ctxprop._receiver import OTLPReceiver
+    from ctxprop._devtools.receiver import OTLPReceiver
 
 __all__ = ["add_arguments", "run"]
 
@@ -142,7 +142,7 @@ class _Traces:
 
 
 def _print_trace(trace_id: str, spans: list[Any], before: int, attributes: bool) -> None:
-    from ctxprop import _tree
+    from ctxprop._devtools import tree as _tree
 
     services = sorted({s.service_name for s in spans if s.service_name})
     start = min(s.start_ns for s in spans)
@@ -160,7 +160,7 @@ def _print_trace(trace_id: str, spans: list[Any], before: int, attributes: bool)
 
 
 def _make_receiver(host: str, port: int, traces: _Traces) -> OTLPReceiver:
-    from ctxprop._receiver import OTLPReceiver
+    from ctxprop._devtools.receiver import OTLPReceiver
 
     def on_spans(spans: list[Any]) -> None:
         traces.add(spans)

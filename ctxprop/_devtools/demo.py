@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from opentelemetry import trace
 
     import ctxprop
-    from ctxprop import _tree
-    from ctxprop._receiver import OTLPReceiver
+    from ctxprop._devtools import tree as _tree
+    from ctxprop._devtools.receiver import OTLPReceiver
 
     rounds: int = args.rounds
     expected = len(_RUNS) * rounds * (1 + _WORKERS_PER_ROUND)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     out += ["", *tag_lines]
     if args.html:
-        from ctxprop._html import Section, render_waterfall
+        from ctxprop._devtools.html import Section, render_waterfall
 
         page = render_waterfall(
             [Section(name, f"{name}: {_TITLES[name]}", by_run[name], verdicts[name].note) for name in _RUNS],

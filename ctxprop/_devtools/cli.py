@@ -13,9 +13,12 @@ __all__ = ["main"]
 
 # command -> (module, one-line help). Each module has ``add_arguments(parser)`` and ``run(args) -> int``.
 _COMMANDS = {
-    "demo": ("ctxprop._demo", "run the seed scenario with a plain pool and with ctxprop; compare the traces"),
-    "spool": ("ctxprop._spool_cli", "inspect, replay or purge the offline spool"),
-    "collector": ("ctxprop._collector_cli", "a local OTLP/HTTP receiver that prints traces as trees"),
+    "demo": (
+        "ctxprop._devtools.demo",
+        "run the seed scenario with a plain pool and with ctxprop; compare the traces",
+    ),
+    "spool": ("ctxprop._devtools.spool_cli", "inspect, replay or purge the offline spool"),
+    "collector": ("ctxprop._devtools.collector", "a local OTLP/HTTP receiver that prints traces as trees"),
 }
 
 _DESCRIPTION = (

@@ -12,7 +12,7 @@ import html
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-from ctxprop._tree import SpanLike, attrs_text, build_forest, format_duration
+from ctxprop._devtools.tree import SpanLike, attrs_text, build_forest, format_duration
 
 __all__ = ["Section", "render_waterfall"]
 
