@@ -137,6 +137,7 @@ def main() -> None:
         per_batch = write_ahead_cost(spool_dir, 3 if args.smoke else 30 if args.quick else 100)
 
     plain = "durable=False"
+    durable = "durable=True (fdatasync per batch)"
     print(f"{n} spans x {rounds} rounds, interleaved; medians; batches of {BATCH}")
     print(f"{'':38} {'app thread':>12} {'end to end':>12} {'CPU':>12} {'e2e ratio':>10}")
     for mode, rows in results.items():
@@ -144,13 +145,13 @@ def main() -> None:
         e2e = statistics.median(r[1] for r in rows)
         cpu = statistics.median(r[2] for r in rows)
         # Paired per round: each durable round against the plain round next to it.
-        paired = statistics.median(d[1] / p[1] for d, p in zip(rows, results[plain]))
+        paired = statistics.median(d[1] / p[1] for d, p in zip(rows, results[plain], strict=True))
         print(f"{mode:38} {app * 1e6:9.2f} us {e2e * 1e6:9.2f} us {cpu * 1e6:9.2f} us {paired:9.2f}x")
     headline = statistics.median(
-        d[1] / p[1] for d, p in zip(results["durable=True (fdatasync per batch)"], results[plain])
+        d[1] / p[1] for d, p in zip(results[durable], results[plain], strict=True)
     )
     cpu_ratio = statistics.median(
-        d[2] / p[2] for d, p in zip(results["durable=True (fdatasync per batch)"], results[plain])
+        d[2] / p[2] for d, p in zip(results[durable], results[plain], strict=True)
     )
     print(f"write_ahead + ack of one batch: {per_batch * 1e3:.2f} ms", end=" ")
     print(f"({per_batch / BATCH * 1e6:.2f} us per span)")

@@ -11,19 +11,13 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import sys
 import threading
 from collections.abc import Callable
 from contextvars import Context, ContextVar, copy_context
-from typing import Any, Generic, Optional, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from ctxprop import _stats
 from ctxprop._scopes import CURRENT, ISOLATION, NO_SCOPE, AttrValue, Scope
-
-if sys.version_info >= (3, 10):
-    from typing import ParamSpec
-else:  # pragma: no cover - 3.9
-    from typing_extensions import ParamSpec
 
 __all__ = [
     "CaptureHook",
@@ -72,7 +66,7 @@ class PortableCaptureHook(CaptureHook[T], Protocol):
     .. versionadded:: 0.1.0
     """
 
-    def capture_portable(self) -> Optional[bytes]:
+    def capture_portable(self) -> bytes | None:
         """Called on the submitting side of a process-pool task; must be cheap and never raise."""
         ...
 
@@ -119,7 +113,7 @@ def unregister_capture_hook(hook: CaptureHook[Any]) -> None:
         _portable = tuple(p for p in _portable if p[0] is not hook)
 
 
-def _activator_name(hook: Any) -> Optional[tuple[str, str]]:
+def _activator_name(hook: Any) -> tuple[str, str] | None:
     """(module, qualified name) of a portable hook's activator, or None when it has none that a worker
     could import by name (a lambda, a nested function): such a hook only travels within the process."""
     if not callable(getattr(hook, "capture_portable", None)):
@@ -267,7 +261,7 @@ ContextRunCall = tuple[
 ]
 
 
-def _into_context_run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[ContextRunCall]:
+def _into_context_run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ContextRunCall | None:
     """For ``fn`` = ``functools.partial(ctx.run, func, *a, **kw)`` (what ``asyncio.to_thread`` hands to
     ``run_in_executor``): the same call run in ``ctx`` itself with scopes forked from ``ctx``'s, else None.
 

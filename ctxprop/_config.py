@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = ["DEFAULT_ENDPOINT", "PipelineConfig", "build_config", "resolve_endpoint"]
@@ -31,7 +31,7 @@ _COMPRESSIONS = ("none", "gzip", "deflate")
 class PipelineConfig:
     """Resolved settings of one pipeline (immutable)."""
 
-    service_name: Optional[str]
+    service_name: str | None
     endpoint: str
     headers: Mapping[str, str]
     compression: str
@@ -40,13 +40,13 @@ class PipelineConfig:
     max_queue_size: int
     max_export_batch_size: int
     schedule_delay: float
-    spool_dir: Optional[str]
+    spool_dir: str | None
     durable: bool
     handle_signals: bool
     resource_attributes: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _env(environ: Mapping[str, str], *names: str) -> Optional[tuple[str, str]]:
+def _env(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
     for name in names:
         value = environ.get(name)
         if value is not None and value.strip() != "":
@@ -71,7 +71,7 @@ def _check_url(url: str, source: str) -> str:
     return url
 
 
-def resolve_endpoint(endpoint: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> str:
+def resolve_endpoint(endpoint: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """The traces URL: ``endpoint``, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` as is, else
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else ``http://localhost:4318/v1/traces``.
 
@@ -97,7 +97,7 @@ def resolve_endpoint(endpoint: Optional[str] = None, environ: Optional[Mapping[s
     return DEFAULT_ENDPOINT
 
 
-def _positive_int(value: Optional[int], environ: Mapping[str, str], var: str, default: int, arg: str) -> int:
+def _positive_int(value: int | None, environ: Mapping[str, str], var: str, default: int, arg: str) -> int:
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"init({arg}={value!r}): must be a positive integer")
@@ -123,7 +123,7 @@ def _seconds(value: Any, what: str, *, allow_zero: bool = True) -> float:
     return v
 
 
-def _env_seconds(environ: Mapping[str, str], var: str, scale: float) -> Optional[float]:
+def _env_seconds(environ: Mapping[str, str], var: str, scale: float) -> float | None:
     found = _env(environ, var)
     if not found:
         return None
@@ -134,7 +134,7 @@ def _env_seconds(environ: Mapping[str, str], var: str, scale: float) -> Optional
     return _seconds(v * scale, var)
 
 
-def _headers(headers: Optional[Mapping[str, str]], environ: Mapping[str, str]) -> dict[str, str]:
+def _headers(headers: Mapping[str, str] | None, environ: Mapping[str, str]) -> dict[str, str]:
     from opentelemetry.util.re import parse_env_headers
 
     out: dict[str, str] = {}
@@ -151,7 +151,7 @@ def _headers(headers: Optional[Mapping[str, str]], environ: Mapping[str, str]) -
     return out
 
 
-def _compression(value: Optional[str], environ: Mapping[str, str]) -> str:
+def _compression(value: str | None, environ: Mapping[str, str]) -> str:
     if value is not None:
         source, raw = "init(compression=...)", str(getattr(value, "value", value))
     else:
@@ -167,20 +167,20 @@ def _compression(value: Optional[str], environ: Mapping[str, str]) -> str:
 
 def build_config(
     *,
-    service_name: Optional[str] = None,
-    endpoint: Optional[str] = None,
-    spool_dir: Optional[str] = None,
+    service_name: str | None = None,
+    endpoint: str | None = None,
+    spool_dir: str | None = None,
     close_timeout: float = 3.0,
     durable: bool = False,
     handle_signals: bool = True,
-    headers: Optional[Mapping[str, str]] = None,
-    compression: Optional[str] = None,
-    max_queue_size: Optional[int] = None,
-    max_export_batch_size: Optional[int] = None,
-    schedule_delay: Optional[float] = None,
-    resource_attributes: Optional[Mapping[str, Any]] = None,
-    export_timeout: Optional[float] = None,
-    environ: Optional[Mapping[str, str]] = None,
+    headers: Mapping[str, str] | None = None,
+    compression: str | None = None,
+    max_queue_size: int | None = None,
+    max_export_batch_size: int | None = None,
+    schedule_delay: float | None = None,
+    resource_attributes: Mapping[str, Any] | None = None,
+    export_timeout: float | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> PipelineConfig:
     """Resolve and validate the pipeline settings; raises ``ValueError`` naming the setting to fix.
 

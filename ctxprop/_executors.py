@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextvars import Context, copy_context
-from typing import Any, Optional, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from ctxprop import _capture
 from ctxprop._capture import _capture_extra, _enter_flat, _into_context_run
 from ctxprop._scopes import CURRENT, ISOLATION
-
-if sys.version_info >= (3, 10):
-    from typing import ParamSpec
-else:  # pragma: no cover - 3.9
-    from typing_extensions import ParamSpec
 
 __all__ = ["ContextAwareThreadPoolExecutor", "run_in_executor_with_context"]
 
@@ -58,9 +52,9 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
 
     def __init__(
         self,
-        max_workers: Optional[int] = None,
+        max_workers: int | None = None,
         thread_name_prefix: str = "",
-        initializer: Optional[Callable[..., object]] = None,
+        initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
     ) -> None:
         if initializer is not None:
@@ -114,15 +108,15 @@ def _cooperative_submit(
     return super(ContextAwareThreadPoolExecutor, pool).submit(fn, *args, **kwargs)
 
 
-def _propagates_itself(executor: Optional[Executor]) -> bool:
+def _propagates_itself(executor: Executor | None) -> bool:
     return isinstance(executor, ContextAwareThreadPoolExecutor) or bool(
         getattr(executor, "_ctxprop_propagates", False)
     )
 
 
 async def run_in_executor_with_context(
-    loop: Optional[asyncio.AbstractEventLoop],
-    executor: Optional[Executor],
+    loop: asyncio.AbstractEventLoop | None,
+    executor: Executor | None,
     func: Callable[P, R],
     /,
     *args: P.args,

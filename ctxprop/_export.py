@@ -18,7 +18,7 @@ import logging
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.resources import Resource
 
@@ -37,8 +37,8 @@ class SendOutcome:
 
     ok: bool
     retryable: bool = False
-    retry_after: Optional[float] = None
-    status: Optional[int] = None
+    retry_after: float | None = None
+    status: int | None = None
 
     @property
     def permanent(self) -> bool:
@@ -90,7 +90,7 @@ class OTLPSender:
         self,
         endpoint: str,
         *,
-        headers: Optional[Mapping[str, str]] = None,
+        headers: Mapping[str, str] | None = None,
         compression: str = "none",
     ) -> None:
         from opentelemetry.exporter.otlp.proto.http import _OTLP_HTTP_HEADERS
@@ -187,7 +187,7 @@ def stable_resource(resource: Resource) -> Resource:
 
 
 class _StableResource(Resource):
-    def __init__(self, attributes: Any, schema_url: Optional[str] = None) -> None:
+    def __init__(self, attributes: Any, schema_url: str | None = None) -> None:
         super().__init__(attributes, schema_url)
         self._ctxprop_hash = super().__hash__()
 
@@ -214,7 +214,7 @@ def _import_send_path() -> None:
     encode_spans([])
 
 
-def _is_stale_connection(error: Optional[BaseException]) -> bool:
+def _is_stale_connection(error: BaseException | None) -> bool:
     # A pooled keep-alive connection the server already closed fails at once with a disconnect; a new
     # connection usually works. Refused connections and timeouts are not worth an immediate retry.
     text = repr(error)

@@ -23,16 +23,16 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 __all__ = ["closing", "install", "uninstall"]
 
-_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
-_close: Optional[Callable[[], object]] = None
-_flush: Optional[Callable[[], object]] = None
+_close: Callable[[], object] | None = None
+_flush: Callable[[], object] | None = None
 _atexit_registered = False
 _sigterm_installed = False
 _app_handler: _Handler = None
@@ -49,7 +49,7 @@ def _at_exit() -> None:
 
 
 def install(
-    close: Callable[[], object], *, handle_signals: bool, flush: Optional[Callable[[], object]] = None
+    close: Callable[[], object], *, handle_signals: bool, flush: Callable[[], object] | None = None
 ) -> None:
     """Register ``close`` for atexit and, when asked and possible, for SIGTERM.
 
@@ -104,7 +104,7 @@ def _getsignal_wrapper(signalnum: Any) -> Any:
     return _real_getsignal(signalnum)
 
 
-def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     handler = _app_handler
     if callable(handler):
         if _flush is not None:

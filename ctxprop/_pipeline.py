@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -41,26 +41,26 @@ __all__ = [
 ]
 
 _lock = threading.Lock()
-_provider: Optional[TracerProvider] = None
-_processor: Optional[CtxpropSpanProcessor] = None
-_config: Optional[PipelineConfig] = None
+_provider: TracerProvider | None = None
+_processor: CtxpropSpanProcessor | None = None
+_config: PipelineConfig | None = None
 
 
 def init(
     *,
-    service_name: Optional[str] = None,
-    endpoint: Optional[str] = None,
-    exporter: Optional[SpanExporter] = None,
-    spool_dir: Optional[str] = None,
+    service_name: str | None = None,
+    endpoint: str | None = None,
+    exporter: SpanExporter | None = None,
+    spool_dir: str | None = None,
     close_timeout: float = 3.0,
     durable: bool = False,
     handle_signals: bool = True,
-    headers: Optional[Mapping[str, str]] = None,
-    compression: Optional[str] = None,
-    max_queue_size: Optional[int] = None,
-    max_export_batch_size: Optional[int] = None,
-    schedule_delay: Optional[float] = None,
-    resource_attributes: Optional[Mapping[str, Any]] = None,
+    headers: Mapping[str, str] | None = None,
+    compression: str | None = None,
+    max_queue_size: int | None = None,
+    max_export_batch_size: int | None = None,
+    schedule_delay: float | None = None,
+    resource_attributes: Mapping[str, Any] | None = None,
 ) -> TracerProvider:
     """Set up the global TracerProvider: scope tags on every span, ctxprop's batching processor, OTLP/HTTP
     export (or ``exporter``), the spool, and delivery at every ending (close, exit, exception, SIGTERM,
@@ -201,7 +201,7 @@ def _reset_global_provider() -> None:
     trace._TRACER_PROVIDER_SET_ONCE = Once()
 
 
-def current_provider() -> Optional[TracerProvider]:
+def current_provider() -> TracerProvider | None:
     """The provider ``init()`` built, or None before ``init()`` / after ``close()``.
 
     .. versionadded:: 0.1.0
@@ -209,7 +209,7 @@ def current_provider() -> Optional[TracerProvider]:
     return _provider
 
 
-def current_processor() -> Optional[CtxpropSpanProcessor]:
+def current_processor() -> CtxpropSpanProcessor | None:
     """ctxprop's batching processor of the current pipeline, or None.
 
     .. versionadded:: 0.1.0
@@ -217,12 +217,12 @@ def current_processor() -> Optional[CtxpropSpanProcessor]:
     return _processor
 
 
-def current_config() -> Optional[PipelineConfig]:
+def current_config() -> PipelineConfig | None:
     """The resolved configuration of the current pipeline, or None."""
     return _config
 
 
-def _deadline(timeout: Optional[float]) -> float:
+def _deadline(timeout: float | None) -> float:
     cfg = _config
     t = (cfg.close_timeout if cfg is not None else 3.0) if timeout is None else timeout
     try:
@@ -232,7 +232,7 @@ def _deadline(timeout: Optional[float]) -> float:
     return time.monotonic() + t
 
 
-def flush(timeout: Optional[float] = None) -> bool:
+def flush(timeout: float | None = None) -> bool:
     """Export every span ended so far, in the calling thread, within ``timeout`` seconds (default
     ``close_timeout``). What is not sent by then goes to the spool. Returns True when all were delivered;
     never raises.
@@ -252,7 +252,7 @@ def flush(timeout: Optional[float] = None) -> bool:
         return False
 
 
-def close(timeout: Optional[float] = None) -> None:
+def close(timeout: float | None = None) -> None:
     """Flush, send what the spool holds within what remains of the same deadline, and shut down.
 
     Idempotent, silent, never raises; safe from atexit and signal handlers.
@@ -300,7 +300,7 @@ def _settle(fut: asyncio.Future[Any], result: Any) -> None:
         fut.set_result(result)
 
 
-async def _in_thread(fn: Any, timeout: Optional[float]) -> Any:
+async def _in_thread(fn: Any, timeout: float | None) -> Any:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Any] = loop.create_future()
 
@@ -321,11 +321,11 @@ async def _in_thread(fn: Any, timeout: Optional[float]) -> Any:
     budget = (_deadline(timeout) - time.monotonic()) + 1.0
     try:
         return await asyncio.wait_for(asyncio.shield(fut), budget)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None
 
 
-async def aflush(timeout: Optional[float] = None) -> bool:
+async def aflush(timeout: float | None = None) -> bool:
     """``flush()`` for asyncio code: runs in a thread, so the event loop keeps running meanwhile.
 
     .. versionadded:: 0.1.0
@@ -333,7 +333,7 @@ async def aflush(timeout: Optional[float] = None) -> bool:
     return bool(await _in_thread(flush, timeout))
 
 
-async def aclose(timeout: Optional[float] = None) -> None:
+async def aclose(timeout: float | None = None) -> None:
     """``close()`` for asyncio code, without blocking the event loop.
 
     .. versionadded:: 0.1.0

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextvars import copy_context
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -44,7 +44,7 @@ R = TypeVar("R")
 # (parent pid, W3C carrier, isolation tags, current tags, pickled parent resource or None, portable capture
 # hooks' states: empty, so one byte on the wire, unless such a hook is registered, e.g. the Sentry adapter)
 _Envelope = tuple[
-    int, dict[str, str], dict[str, AttrValue], dict[str, AttrValue], Optional[bytes], PortableState
+    int, dict[str, str], dict[str, AttrValue], dict[str, AttrValue], bytes | None, PortableState
 ]
 # (ok, value or exception, spans made in the worker during the task)
 _Outcome = tuple[bool, Any, tuple[WireSpan, ...]]
@@ -53,7 +53,7 @@ _Outcome = tuple[bool, Any, tuple[WireSpan, ...]]
 # --- parent side -------------------------------------------------------------------------------------------
 
 
-def _parent_provider() -> Optional[TracerProvider]:
+def _parent_provider() -> TracerProvider | None:
     """The SDK provider whose processors receive worker spans: ctxprop's pipeline, else the global one."""
     from ctxprop import _pipeline
 
@@ -65,10 +65,10 @@ def _parent_provider() -> Optional[TracerProvider]:
     return provider
 
 
-_resource_cache: tuple[Optional[Resource], Optional[bytes]] = (None, None)
+_resource_cache: tuple[Resource | None, bytes | None] = (None, None)
 
 
-def _resource_blob(provider: Optional[TracerProvider]) -> Optional[bytes]:
+def _resource_blob(provider: TracerProvider | None) -> bytes | None:
     global _resource_cache  # noqa: PLW0603
     if provider is None:
         return None
@@ -133,7 +133,7 @@ def unpack_result(outcome: _Outcome) -> Any:
 
 
 def bind_for_process(
-    func: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None
+    func: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
 ) -> Callable[[], _Outcome]:
     """A picklable no-argument callable that runs ``func(*args, **kwargs)`` in a worker process in the
     caller's trace context and scopes, for any ``ProcessPoolExecutor``; pass its result to
@@ -153,7 +153,7 @@ def bind_for_process(
 class _OutcomeFuture(Future):  # type: ignore[type-arg]
     """The user's future: completes with the unpacked outcome of the pool's own future."""
 
-    def __init__(self, inner: Future[_Outcome], on_spans: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, inner: Future[_Outcome], on_spans: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._inner = inner
         self._on_spans = on_spans
@@ -194,9 +194,9 @@ def submit_with_context(
     executor: ProcessPoolExecutor,
     fn: Callable[..., R],
     args: tuple[Any, ...] = (),
-    kwargs: Optional[dict[str, Any]] = None,
+    kwargs: dict[str, Any] | None = None,
     *,
-    on_spans: Optional[Callable[[], None]] = None,
+    on_spans: Callable[[], None] | None = None,
 ) -> Future[R]:
     """Submit to any ``ProcessPoolExecutor`` the way ``ContextAwareProcessPoolExecutor`` does."""
     inner = ProcessPoolExecutor.submit(executor, _run_in_worker, _envelope(), fn, args, kwargs or {})
@@ -225,9 +225,9 @@ class ContextAwareProcessPoolExecutor(ProcessPoolExecutor):
 
     def __init__(
         self,
-        max_workers: Optional[int] = None,
+        max_workers: int | None = None,
         mp_context: Any = None,
-        initializer: Optional[Callable[..., object]] = None,
+        initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         **kwargs: Any,
     ) -> None:
@@ -291,8 +291,8 @@ class _Collector(SpanProcessor):
 
 
 _worker_pid = 0
-_worker_blob: Optional[bytes] = None
-_collector: Optional[_Collector] = None
+_worker_blob: bytes | None = None
+_collector: _Collector | None = None
 _inherited_collector = False  # _collector sits in the provider inherited from the parent through fork
 
 
@@ -342,7 +342,7 @@ def _redirect(inherited: TracerProvider) -> None:
     _collector, _inherited_collector = collector, True
 
 
-def _worker_collector(blob: Optional[bytes]) -> Optional[_Collector]:
+def _worker_collector(blob: bytes | None) -> _Collector | None:
     """The collector of the worker-local provider for the parent's resource ``blob``."""
     global _worker_blob, _collector
     if _inherited_collector:
@@ -366,7 +366,7 @@ def _worker_collector(blob: Optional[bytes]) -> Optional[_Collector]:
     return _collector
 
 
-def _worker_initializer(initializer: Optional[Callable[..., object]], initargs: tuple[Any, ...]) -> None:
+def _worker_initializer(initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> None:
     _enter_worker_process()
     if initializer is not None:
         initializer(*initargs)

@@ -24,8 +24,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -57,7 +57,7 @@ _REPLAY_BACKOFF_CAP = 60.0
 class _Batch:
     __slots__ = ("attempts", "count", "first_failure", "handle", "not_before", "payload", "spans", "spooled")
 
-    def __init__(self, spans: Optional[list[ReadableSpan]], payload: Optional[bytes], count: int) -> None:
+    def __init__(self, spans: list[ReadableSpan] | None, payload: bytes | None, count: int) -> None:
         self.spans = spans
         self.payload = payload
         self.count = count
@@ -91,8 +91,8 @@ class CtxpropSpanProcessor(SpanProcessor):
     def __init__(
         self,
         *,
-        exporter: Optional[SpanExporter] = None,
-        sender: Optional[Sender] = None,
+        exporter: SpanExporter | None = None,
+        sender: Sender | None = None,
         spool: Any = None,
         max_queue_size: int = 8192,
         max_export_batch_size: int = 512,
@@ -137,21 +137,21 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._queue: deque[ReadableSpan] = deque()
         self._pending: deque[_Batch] = deque()
         self._pending_spans = 0
-        self._inflight: Optional[_Batch] = None
+        self._inflight: _Batch | None = None
         self._export_lock = threading.Lock()
         # Who holds the export lock, and what that holder took out of the queue: spans being encoded
         # (_held) and the batch being delivered (_current). A signal handler that interrupted the holder on
         # its own thread cannot wait for the lock; it takes these over instead (_abandoned_to_spool).
-        self._owner: Optional[int] = None
-        self._held: Optional[list[ReadableSpan]] = None
-        self._current: Optional[_Batch] = None
+        self._owner: int | None = None
+        self._held: list[ReadableSpan] | None = None
+        self._current: _Batch | None = None
         # One replay at a time in this process: close() must wait for a background replay that holds
         # leased segments rather than exit under it.
         self._replay_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
         self._signalled = False
-        self._worker: Optional[threading.Thread] = None
+        self._worker: threading.Thread | None = None
         self._worker_started = False
         self._start_retry_at = 0.0
         self._down = False
@@ -170,7 +170,7 @@ class CtxpropSpanProcessor(SpanProcessor):
             reset()
 
     # -- the application thread ------------------------------------------------------------------------
-    def on_start(self, span: Span, parent_context: Optional[Context] = None) -> None:
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         return
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -323,7 +323,7 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._wake.set()
 
     # -- export cycle (caller holds the export lock) ---------------------------------------------------
-    def _cycle(self, deadline: Optional[float], everything: bool) -> bool:
+    def _cycle(self, deadline: float | None, everything: bool) -> bool:
         """Retry due batches, then export the queue. True when nothing is left undelivered."""
         forced = deadline is not None
         if self._durable:
@@ -378,7 +378,7 @@ class CtxpropSpanProcessor(SpanProcessor):
             spans.append(q.popleft())
         return spans
 
-    def _make_batch(self, spans: list[ReadableSpan]) -> Optional[_Batch]:
+    def _make_batch(self, spans: list[ReadableSpan]) -> _Batch | None:
         if self._sender is None:
             return _Batch(spans, None, len(spans))
         try:
@@ -405,7 +405,7 @@ class CtxpropSpanProcessor(SpanProcessor):
         finally:
             self._inflight = None
 
-    def _deliver(self, batch: _Batch, deadline: Optional[float]) -> bool:
+    def _deliver(self, batch: _Batch, deadline: float | None) -> bool:
         """Send ``batch``, retrying within ``deadline`` (flush) or once (worker). True when it is settled
         (delivered, rejected, or handed to the spool); False when it must wait for a later retry."""
         while True:

@@ -38,7 +38,7 @@ import json
 import subprocess
 import sys
 import time
-from typing import IO, Any, Optional
+from typing import IO, Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
@@ -109,7 +109,7 @@ class _ChildSpans:
             return True
         return False
 
-    def close(self, returncode: Optional[int]) -> None:
+    def close(self, returncode: int | None) -> None:
         reason = (
             f"child exited ({returncode}) with the span open"
             if returncode is not None
@@ -122,7 +122,7 @@ class _ChildSpans:
             span.end()
 
 
-def _writer(sink: Optional[IO[Any]]) -> tuple[IO[Any], bool]:
+def _writer(sink: IO[Any] | None) -> tuple[IO[Any], bool]:
     """The stream to write passed-through lines to, and whether it takes bytes."""
     if sink is None:
         sys.stdout.flush()  # what this process printed before must come out before the child's lines
@@ -132,7 +132,7 @@ def _writer(sink: Optional[IO[Any]]) -> tuple[IO[Any], bool]:
 
 
 def run_proxied(
-    args: Any, *, sink: Optional[IO[Any]] = None, span_name: Optional[str] = None, **popen_kwargs: Any
+    args: Any, *, sink: IO[Any] | None = None, span_name: str | None = None, **popen_kwargs: Any
 ) -> int:
     """Run ``args``; turn its structured output lines into spans and events; pass every other line through.
 
@@ -167,7 +167,7 @@ def _apply(spans: _ChildSpans, line: bytes) -> bool:
         return False
 
 
-def _run(args: Any, sink: Optional[IO[Any]], env: dict[str, str], popen_kwargs: dict[str, Any]) -> int:
+def _run(args: Any, sink: IO[Any] | None, env: dict[str, str], popen_kwargs: dict[str, Any]) -> int:
     out, binary = _writer(sink)
     spans = _ChildSpans()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, **popen_kwargs)  # noqa: S603

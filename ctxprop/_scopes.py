@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Union
 
 from ctxprop import _stats
 
@@ -31,7 +30,7 @@ __all__ = [
 ]
 
 #: A value OpenTelemetry accepts as a span attribute.
-AttrValue = Union[str, bool, int, float, Sequence[str], Sequence[bool], Sequence[int], Sequence[float]]
+AttrValue = str | bool | int | float | Sequence[str] | Sequence[bool] | Sequence[int] | Sequence[float]
 
 _EMPTY: dict[str, AttrValue] = {}
 _SCALARS = (str, bool, int, float)

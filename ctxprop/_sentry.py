@@ -31,7 +31,7 @@ import pickle
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import sentry_sdk
 import sentry_sdk.scope as _sentry_scope
@@ -49,7 +49,7 @@ __all__ = [
     "enabled",
 ]
 
-_State = tuple[Optional[Any], Optional[Any]]
+_State = tuple[Any | None, Any | None]
 
 
 class SentryScopesHook:
@@ -73,7 +73,7 @@ class SentryScopesHook:
         if cur is not None:
             _sentry_scope._current_scope.set(cur.fork())
 
-    def capture_portable(self) -> Optional[bytes]:
+    def capture_portable(self) -> bytes | None:
         iso = _scope_data(_sentry_scope._isolation_scope.get(), 0)
         cur = _scope_data(_sentry_scope._current_scope.get(), 1)
         if not iso and not cur:

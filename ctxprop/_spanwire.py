@@ -9,7 +9,7 @@ layout. The wire form is plain tuples of ints, strings and attribute dicts: ever
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -25,13 +25,13 @@ WireSpan = tuple[Any, ...]
 _VERSION = 1
 
 
-def _ctx(sc: Optional[SpanContext]) -> Optional[tuple[int, int, bool, int, tuple[tuple[str, str], ...]]]:
+def _ctx(sc: SpanContext | None) -> tuple[int, int, bool, int, tuple[tuple[str, str], ...]] | None:
     if sc is None:
         return None
     return (sc.trace_id, sc.span_id, sc.is_remote, int(sc.trace_flags), tuple(sc.trace_state.items()))
 
 
-def _unctx(raw: Optional[Sequence[Any]]) -> Optional[SpanContext]:
+def _unctx(raw: Sequence[Any] | None) -> SpanContext | None:
     if raw is None:
         return None
     trace_id, span_id, is_remote, flags, state = raw
@@ -40,7 +40,7 @@ def _unctx(raw: Optional[Sequence[Any]]) -> Optional[SpanContext]:
     )
 
 
-def _attrs(attrs: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+def _attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
     # BoundedAttributes and MappingProxy do not pickle the same way everywhere; a dict always does.
     return dict(attrs) if attrs else {}
 
@@ -83,7 +83,7 @@ def to_wire(span: ReadableSpan) -> WireSpan:
     )
 
 
-def from_wire(wire: WireSpan, *, resource: Optional[Resource] = None) -> ReadableSpan:
+def from_wire(wire: WireSpan, *, resource: Resource | None = None) -> ReadableSpan:
     """Rebuild a ``ReadableSpan`` from :func:`to_wire`'s form.
 
     ``resource`` replaces the shipped one (the parent process passes its own, so worker spans carry

@@ -36,10 +36,9 @@ import warnings
 import weakref
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 from ctxprop import _stats
 
@@ -76,12 +75,12 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW
 
 
-def _sanitize(service_name: Optional[str]) -> str:
+def _sanitize(service_name: str | None) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", service_name or "").lstrip(".")[:64]
     return name or "unknown_service"
 
 
-def default_spool_dir(service_name: Optional[str]) -> Path:
+def default_spool_dir(service_name: str | None) -> Path:
     """The spool directory used when ``init()`` gets no ``spool_dir``.
 
     ``CTXPROP_SPOOL_DIR`` if set (used as is), else ``$XDG_STATE_HOME/ctxprop/<service>``, else
@@ -118,11 +117,11 @@ class SpoolStatus:
     .. versionadded:: 0.1.0
     """
 
-    directory: Optional[str]
+    directory: str | None
     segments: int
     spans: int
     bytes: int
-    oldest_age: Optional[float]
+    oldest_age: float | None
     dropped: int
     corrupt: int
     leased: int
@@ -250,7 +249,7 @@ class Spool:
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, directory: Path, dir_fd: Optional[int], max_bytes: int, max_age: float) -> None:
+    def __init__(self, directory: Path, dir_fd: int | None, max_bytes: int, max_age: float) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_age = max_age
@@ -259,7 +258,7 @@ class Spool:
         self._writable = dir_fd is not None
         self._warned = False
         #: Why the spool is memory-only (None while it uses its directory).
-        self.problem: Optional[str] = None
+        self.problem: str | None = None
         # Re-entrant: ctxprop's SIGTERM handler spools from the main thread, which may be inside one of
         # these short sections when the signal arrives.
         self._lock = threading.RLock()
@@ -288,11 +287,11 @@ class Spool:
     @classmethod
     def open(
         cls,
-        directory: Union[str, os.PathLike[str]],
+        directory: str | os.PathLike[str],
         *,
-        max_bytes: Optional[int] = None,
-        max_age: Optional[float] = None,
-        fsync: Optional[bool] = None,
+        max_bytes: int | None = None,
+        max_age: float | None = None,
+        fsync: bool | None = None,
     ) -> Spool:
         """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
 
@@ -349,7 +348,7 @@ class Spool:
         except Exception:  # noqa: BLE001 - the telemetry path never raises into the application
             _stats.incr("spool_dropped_spans", span_count)
 
-    def write_ahead(self, payload: bytes, span_count: int) -> Optional[object]:
+    def write_ahead(self, payload: bytes, span_count: int) -> object | None:
         """Durable mode: put a batch on disk (one fsync) before it is exported; returns a handle or None.
 
         The record is leased by this process while its export runs, so no replay sends it meanwhile;
@@ -402,7 +401,7 @@ class Spool:
         with contextlib.suppress(Exception):
             self._enforce_bounds()
 
-    def _settle(self, handle: object) -> Optional[int]:
+    def _settle(self, handle: object) -> int | None:
         """The descriptor holding ``handle``'s lock, taken out of this spool's care; None when ``handle`` is
         not a live write-ahead handle of this process (unknown, settled already, or from before a fork)."""
         if not isinstance(handle, _Handle) or handle.pid != os.getpid() or self._fd is None:
@@ -422,7 +421,7 @@ class Spool:
         send: Callable[[bytes, float], object],
         deadline: float,
         *,
-        progress: Optional[Callable[[int], None]] = None,
+        progress: Callable[[int], None] | None = None,
     ) -> int:
         """Send what is pending, oldest first, until done, a send fails or ``deadline`` (monotonic) passes.
 
@@ -484,7 +483,7 @@ class Spool:
     def status(self) -> SpoolStatus:
         """Segments, spans, bytes and age of what waits, plus the drops and corrupt records on record."""
         segments = spans = size = leased = 0
-        oldest: Optional[int] = None
+        oldest: int | None = None
         dropped = corrupt = rejected = 0
         with self._lock:
             for _payload, n, created in self._memory:
@@ -656,7 +655,7 @@ class Spool:
         self,
         send: Callable[[bytes, float], object],
         deadline: float,
-        progress: Optional[Callable[[int], None]],
+        progress: Callable[[int], None] | None,
     ) -> tuple[int, bool]:
         delivered = 0
         while True:
@@ -677,7 +676,7 @@ class Spool:
             delivered += item[1]
             _report(progress, item[1])
 
-    def _read_segment(self, name: str) -> Optional[bytes]:
+    def _read_segment(self, name: str) -> bytes | None:
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
         try:
             fd = os.open(name, os.O_RDONLY | _NONBLOCK | _NOFOLLOW, dir_fd=self._fd)
@@ -688,7 +687,7 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _lock_file(self, name: str) -> Optional[int]:
+    def _lock_file(self, name: str) -> int | None:
         """A descriptor of ``name`` holding its exclusive lock; None when it is gone or someone holds it.
 
         A symbolic link planted under a spool name is removed, never followed.
@@ -734,7 +733,7 @@ class Spool:
         fd: int,
         send: Callable[[bytes, float], object],
         deadline: float,
-        progress: Optional[Callable[[int], None]],
+        progress: Callable[[int], None] | None,
     ) -> tuple[int, bool]:
         """Send the records of the segment leased as ``lease`` and read through ``fd`` (holding its lock)."""
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
@@ -883,7 +882,8 @@ class Spool:
                 # Long enough: replace it by its totals (a line another process appends meanwhile may be
                 # lost; far better than counts that stop growing).
                 totals = self._read_events()
-                lines = "".join(f"{k} {v}\n" for k, v in zip(("dropped", "corrupt", "rejected"), totals))
+                kinds = ("dropped", "corrupt", "rejected")
+                lines = "".join(f"{k} {v}\n" for k, v in zip(kinds, totals, strict=True))
                 self._write_file(_EVENTS, lines.encode("ascii"), sync=False)
 
     def _read_events(self) -> tuple[int, int, int]:
@@ -922,7 +922,7 @@ def _attempt(send: Callable[[bytes, float], object], payload: bytes, deadline: f
     return _FAILED
 
 
-def _report(progress: Optional[Callable[[int], None]], spans: int) -> None:
+def _report(progress: Callable[[int], None] | None, spans: int) -> None:
     if progress is not None:
         with contextlib.suppress(Exception):
             progress(spans)
@@ -940,7 +940,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _close_all(held: set[int], dir_fd: Optional[int] = None) -> None:
+def _close_all(held: set[int], dir_fd: int | None = None) -> None:
     """Close the lease descriptors in ``held`` (emptying it) and ``dir_fd``."""
     fds = [*held, *([] if dir_fd is None else [dir_fd])]
     held.clear()
@@ -949,7 +949,7 @@ def _close_all(held: set[int], dir_fd: Optional[int] = None) -> None:
             os.close(fd)
 
 
-def _read_own_file(fd: int) -> Optional[bytes]:
+def _read_own_file(fd: int) -> bytes | None:
     """The content of ``fd``; None unless it is a regular file of this user (never send a planted one)."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():

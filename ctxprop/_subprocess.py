@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
@@ -29,7 +29,7 @@ TAGS_ENV = "CTXPROP_TAGS"
 _CARRIER_ENV = {"traceparent": "TRACEPARENT", "tracestate": "TRACESTATE", "baggage": "BAGGAGE"}
 
 
-def subprocess_env(env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def subprocess_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """A copy of ``env`` (default ``os.environ``) that carries the current trace context and scope tags.
 
     Pass it as a child's ``env=``; a child that calls ``ctxprop.init()`` continues the trace (its spans
@@ -76,7 +76,7 @@ def _restore_tags(raw: str) -> None:
                 scope.set_tag(name, value)  # invalid values are skipped and counted there
 
 
-def adopt_environment(environ: Optional[Mapping[str, str]] = None) -> None:
+def adopt_environment(environ: Mapping[str, str] | None = None) -> None:
     """Continue the trace and restore the tags a parent passed with :func:`subprocess_env`.
 
     ``init()`` calls it: it attaches the extracted context in the calling thread's context (so spans

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
@@ -27,7 +25,7 @@ class ScopeTagSpanProcessor(SpanProcessor):
     .. versionadded:: 0.1.0
     """
 
-    def on_start(self, span: Span, parent_context: Optional[Context] = None) -> None:
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         tags = active_tags()
         if not tags:
             return

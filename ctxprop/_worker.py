@@ -10,21 +10,15 @@ from __future__ import annotations
 import concurrent.futures.thread
 import functools
 import inspect
-import sys
 import threading
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Optional, TypeVar, Union, cast, overload
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from opentelemetry import trace
 
 from ctxprop._capture import PROPAGATED
 from ctxprop._scopes import AttrValue, isolation_scope
-
-if sys.version_info >= (3, 10):
-    from typing import ParamSpec
-else:  # pragma: no cover - 3.9
-    from typing_extensions import ParamSpec
 
 __all__ = ["worker"]
 
@@ -86,7 +80,7 @@ class _WarnOnce:
 
 
 def _decorate(
-    fn: Callable[P, R], name: Optional[str], attributes: Optional[Mapping[str, AttrValue]]
+    fn: Callable[P, R], name: str | None, attributes: Mapping[str, AttrValue] | None
 ) -> Callable[P, R]:
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         # The call only builds the generator: the span would end before any of its work ran.
@@ -125,17 +119,17 @@ def worker(fn: Callable[P, R], /) -> Callable[P, R]: ...
 
 @overload
 def worker(
-    *, name: Optional[str] = None, attributes: Optional[Mapping[str, AttrValue]] = None
+    *, name: str | None = None, attributes: Mapping[str, AttrValue] | None = None
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
 def worker(
-    fn: Optional[Callable[P, R]] = None,
+    fn: Callable[P, R] | None = None,
     /,
     *,
-    name: Optional[str] = None,
-    attributes: Optional[Mapping[str, AttrValue]] = None,
-) -> Union[Callable[P, R], Callable[[Callable[P, R]], Callable[P, R]]]:
+    name: str | None = None,
+    attributes: Mapping[str, AttrValue] | None = None,
+) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
     """Run each call of the decorated function in its own forked scopes and its own span.
 
     The span is a child of the span current at the call, named ``name`` (default: the function's

@@ -17,7 +17,7 @@ until a test asks for the fixture (disable it with ``-p no:ctxprop``).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -108,7 +108,7 @@ class SpanCapture:
         """Forget the spans captured so far."""
         self._exporter.clear()
 
-    def _names(self, spans: Optional[Sequence[ReadableSpan]] = None) -> str:
+    def _names(self, spans: Sequence[ReadableSpan] | None = None) -> str:
         spans = self.spans if spans is None else spans
         names = sorted({s.name for s in spans})
         return f"; spans captured: {', '.join(repr(n) for n in names) or 'none'}"
@@ -199,7 +199,7 @@ class _Forward:
     resolved), so a later test must still see the spans of that provider, not only of its own.
     """
 
-    target: Optional[InMemorySpanExporter] = None
+    target: InMemorySpanExporter | None = None
 
     @classmethod
     def processor(cls) -> Any:

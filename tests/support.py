@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -59,7 +59,7 @@ class ChildResult:
         raise KeyError(key)
 
 
-def child_env(env: Optional[dict[str, str]] = None) -> dict[str, str]:
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """``os.environ`` + ``env``, with the repo first on PYTHONPATH and unbuffered output."""
     merged = dict(os.environ)
     merged.update(env or {})
@@ -93,10 +93,10 @@ def _json_lines(lines: list[str]) -> list[dict[str, Any]]:
 def run_child(
     code: str,
     *,
-    env: Optional[dict[str, str]] = None,
+    env: dict[str, str] | None = None,
     timeout: float = 60,
-    signal_after_line: Optional[str] = None,
-    sig: Optional[int] = None,
+    signal_after_line: str | None = None,
+    sig: int | None = None,
 ) -> ChildResult:
     """Run ``code`` (dedented) as ``[sys.executable, script]`` and collect its output.
 

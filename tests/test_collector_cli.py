@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -42,8 +41,8 @@ class Collector:
             cwd=str(REPO),
         )
         self.lines: list[str] = []
-        self._stderr: Optional[str] = None
-        self._queue: queue.Queue[Optional[str]] = queue.Queue()
+        self._stderr: str | None = None
+        self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         first = self.wait_for(lambda ln: "listening on" in ln)

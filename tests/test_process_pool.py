@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 from opentelemetry import baggage, trace
@@ -518,7 +518,7 @@ class RequestHook:
     def activate(self, state: None) -> None:
         pass
 
-    def capture_portable(self) -> Optional[bytes]:
+    def capture_portable(self) -> bytes | None:
         value = REQUEST.get()
         return None if value == "none" else pickle.dumps(value)
 
@@ -532,7 +532,7 @@ class FaultyHook(RequestHook):
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
-    def capture_portable(self) -> Optional[bytes]:
+    def capture_portable(self) -> bytes | None:
         if self.mode == "capture raises":
             raise RuntimeError("capture fault")
         if self.mode == "not bytes":

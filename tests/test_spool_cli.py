@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
 
 import pytest
 from support import OTLPReceiver, child_env, receiver  # noqa: F401
@@ -24,7 +23,7 @@ from ctxprop._spool import Spool
 
 
 def spool_cmd(
-    *args: str, env: Optional[dict[str, str]] = None, flags: tuple[str, ...] = ()
+    *args: str, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *flags, "-m", "ctxprop", "spool", *args],

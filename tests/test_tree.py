@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ctxprop._devtools import tree as _tree
 
@@ -15,7 +15,7 @@ class S:
     """A span as the renderers read it."""
 
     span_id: str
-    parent_span_id: Optional[str]
+    parent_span_id: str | None
     name: str
     start_ns: int
     end_ns: int
@@ -23,7 +23,7 @@ class S:
     attributes: dict[str, Any] = field(default_factory=dict)
     status_code: int = 0
     status_message: str = ""
-    service_name: Optional[str] = "svc"
+    service_name: str | None = "svc"
 
 
 def test_children_hang_under_their_parent_in_start_order() -> None:

@@ -7,7 +7,6 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Optional
 
 __all__ = ["main"]
 
@@ -38,7 +37,7 @@ def _silence_stdout() -> None:
         pass
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run a ctxprop command; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m ctxprop", description=_DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Any, Optional
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ctxprop._devtools.receiver import OTLPReceiver
@@ -68,7 +68,7 @@ _KEEP_PRINTED = 1000
 class _Traces:
     """Spans grouped by trace; hands out the traces that have been quiet long enough."""
 
-    def __init__(self, quiet: float, jsonl: Optional[IO[str]], keep_printed: int = _KEEP_PRINTED) -> None:
+    def __init__(self, quiet: float, jsonl: IO[str] | None, keep_printed: int = _KEEP_PRINTED) -> None:
         self._quiet = quiet
         self._jsonl = jsonl
         self._keep_printed = keep_printed
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     traces = _Traces(args.settle, jsonl)
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
         traces.wake()
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
@@ -105,7 +105,7 @@ class _Verdict:
             if "worker" in w.attributes:
                 self.leaked.add(w.span_id)
 
-    def note(self, span: Any) -> Optional[str]:
+    def note(self, span: Any) -> str | None:
         if span.span_id not in self.orphaned:
             return None
         why = "new trace, no parent" if span.parent_span_id is None else "wrong parent"

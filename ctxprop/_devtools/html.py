@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Sequence
-from typing import Optional
 
 from ctxprop._devtools.tree import SpanLike, attrs_text, build_forest, format_duration
 
@@ -59,7 +58,7 @@ class Section:
         key: str,
         title: str,
         spans: Sequence[SpanLike],
-        note: Optional[Callable[[SpanLike], Optional[str]]] = None,
+        note: Callable[[SpanLike], str | None] | None = None,
     ) -> None:
         self.key = key
         self.title = title

@@ -18,9 +18,10 @@ import socket
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from ctxprop import _stats
 
@@ -38,14 +39,14 @@ class ReceivedSpan:
 
     trace_id: str
     span_id: str
-    parent_span_id: Optional[str]
+    parent_span_id: str | None
     name: str
     start_ns: int
     end_ns: int
     attributes: dict[str, Any]
     status_code: int
     status_message: str
-    service_name: Optional[str]
+    service_name: str | None
     resource: dict[str, Any]
     events: tuple[tuple[str, dict[str, Any]], ...]
     kind: int
@@ -168,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = zlib.decompress(body)
         return body
 
-    def _answer(self, code: int, extra: Optional[dict[str, str]] = None, body: bytes = b"") -> None:
+    def _answer(self, code: int, extra: dict[str, str] | None = None, body: bytes = b"") -> None:
         self.send_response(code)
         extra = dict(extra or {})
         self.send_header("Content-Type", extra.pop("Content-Type", "application/x-protobuf"))
@@ -244,9 +245,9 @@ class OTLPReceiver:
         port: int = 0,
         *,
         mode: str = "ok",
-        retry_after: Optional[float] = None,
+        retry_after: float | None = None,
         delay: float = 0.0,
-        on_spans: Optional[Callable[[list[ReceivedSpan]], None]] = None,
+        on_spans: Callable[[list[ReceivedSpan]], None] | None = None,
         keep_spans: bool = True,
     ) -> None:
         self._host = host
@@ -260,15 +261,15 @@ class OTLPReceiver:
         self._requests = 0
         self._on_spans = on_spans
         #: The last exception raised by ``on_spans`` (the request was still answered 200), or None.
-        self.callback_error: Optional[BaseException] = None
+        self.callback_error: BaseException | None = None
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._last_headers: dict[str, str] = {}
-        self._server: Optional[_Server] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
         self._port = port
         self._mode = "ok"
-        self._retry_after: Optional[float] = None
+        self._retry_after: float | None = None
         self._delay = 0.0
         self.set_mode(mode, retry_after=retry_after, delay=delay)
 
@@ -313,7 +314,7 @@ class OTLPReceiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def set_mode(self, mode: str, *, retry_after: Optional[float] = None, delay: float = 0.0) -> None:
+    def set_mode(self, mode: str, *, retry_after: float | None = None, delay: float = 0.0) -> None:
         """Change how the following requests are answered (see the module docstring)."""
         if mode not in MODES:
             raise ValueError(f"unknown receiver mode {mode!r}; use one of {', '.join(MODES)}")
@@ -385,11 +386,11 @@ class OTLPReceiver:
             self._requests += 1
             self._last_headers = {k.lower(): v for k, v in headers.items()}
 
-    def _current_mode(self) -> tuple[str, Optional[float], float]:
+    def _current_mode(self) -> tuple[str, float | None, float]:
         with self._cond:
             return self._mode, self._retry_after, self._delay
 
-    def _accept(self, spans: Union[list[ReceivedSpan], int]) -> None:
+    def _accept(self, spans: list[ReceivedSpan] | int) -> None:
         with self._cond:
             if isinstance(spans, int):
                 self._span_count += spans

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 from ctxprop import _stats
 from ctxprop._config import build_config
@@ -55,14 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("purge", help="delete everything the spool holds")
 
 
-def make_sender(endpoint: Optional[str] = None) -> OTLPSender:
+def make_sender(endpoint: str | None = None) -> OTLPSender:
     """The sender ``init()`` would build: ``endpoint`` (else resolved from the environment), with the
     ``OTEL_EXPORTER_OTLP_*`` headers and compression. Raises ValueError for a bad setting, as ``init()``."""
     cfg = build_config(endpoint=endpoint)
     return OTLPSender(cfg.endpoint, headers=cfg.headers, compression=cfg.compression)
 
 
-def _say(text: str, stream: Optional[TextIO] = None) -> None:
+def _say(text: str, stream: TextIO | None = None) -> None:
     # A command's output is its interface; the library itself never prints.
     out = sys.stdout if stream is None else stream
     out.write(text + "\n")

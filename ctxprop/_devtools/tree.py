@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Protocol
 
 __all__ = [
     "Node",
@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: Which attributes to show: none (False), all (True), or these keys.
-AttrSelection = Union[bool, Sequence[str]]
+AttrSelection = bool | Sequence[str]
 
 _STATUS = {0: "", 1: "OK", 2: "ERROR"}
 
@@ -36,7 +36,7 @@ class SpanLike(Protocol):
     @property
     def span_id(self) -> str: ...
     @property
-    def parent_span_id(self) -> Optional[str]: ...
+    def parent_span_id(self) -> str | None: ...
     @property
     def name(self) -> str: ...
     @property
@@ -50,7 +50,7 @@ class SpanLike(Protocol):
     @property
     def status_message(self) -> str: ...
     @property
-    def service_name(self) -> Optional[str]: ...
+    def service_name(self) -> str | None: ...
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Node:
     in_cycle: bool = False
 
     @property
-    def missing_parent(self) -> Optional[str]:
+    def missing_parent(self) -> str | None:
         """The parent span id this root names but that is not among the spans, if any."""
         return self.span.parent_span_id if self.depth == 0 and not self.in_cycle else None
 
@@ -167,8 +167,8 @@ def render_forest(
     *,
     attributes: AttrSelection = False,
     bar_width: int = 24,
-    name_width: Optional[int] = None,
-    note: Optional[Callable[[SpanLike], Optional[str]]] = None,
+    name_width: int | None = None,
+    note: Callable[[SpanLike], str | None] | None = None,
     show_service: bool = True,
 ) -> list[str]:
     """Lines drawing the spans as trees: one line per span, children indented under their parent.
@@ -192,7 +192,7 @@ def render_forest(
     rows: list[tuple[str, Node, bool]] = []  # (guides + name prefix, node, service differs from parent)
     # (node, guides of its ancestors, is last sibling, parent's service); a stack, not recursion: traces
     # can be deeper than the recursion limit.
-    stack: list[tuple[Node, str, bool, Optional[str]]] = [(r, "", True, None) for r in reversed(roots)]
+    stack: list[tuple[Node, str, bool, str | None]] = [(r, "", True, None) for r in reversed(roots)]
     while stack:
         node, lead, last, parent_service = stack.pop()
         top = node.depth == 0
@@ -219,7 +219,7 @@ def render_forest(
     durations = [format_duration(max(0, n.span.end_ns - n.span.start_ns)) for n in all_nodes]
     dur_width = max(len(d) for d in durations)
     lines = []
-    for label, node, dur in zip(labels, all_nodes, durations):
+    for label, node, dur in zip(labels, all_nodes, durations, strict=True):
         s = node.span
         parts = [label.ljust(width), _bar(s.start_ns, s.end_ns, lo, hi, bar_width), dur.rjust(dur_width)]
         status = _STATUS.get(s.status_code, str(s.status_code))

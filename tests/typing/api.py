@@ -9,9 +9,7 @@ import asyncio
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from contextvars import Context
-from typing import Any
-
-from typing_extensions import assert_type
+from typing import Any, assert_type
 
 import ctxprop
 
