@@ -1,6 +1,6 @@
 """The OTLP/HTTP sender: POSTs already-encoded ``ExportTraceServiceRequest`` bytes.
 
-Spans are encoded once, by the processor, with the official encoder; the same bytes can then be sent,
+Spans are encoded once, by the processor (``ctxprop._encoding``); the same bytes can then be sent,
 retried, spooled and replayed without encoding again. The HTTP request goes through the official exporter
 package's transport (``opentelemetry.exporter.http.transport``), which returns a status and headers and
 never raises; this module only turns that into an outcome: ok, retryable (with Retry-After) or permanent.
@@ -16,16 +16,13 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
-if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
-
-__all__ = ["PERMANENT", "OTLPSender", "SendOutcome", "encode", "quiet_official_loggers", "stable_resource"]
+__all__ = ["PERMANENT", "OTLPSender", "SendOutcome", "quiet_official_loggers", "stable_resource"]
 
 # 429/502/503/504 as in the official client, plus 408 (the request timed out at a proxy).
 _RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
@@ -48,13 +45,6 @@ class SendOutcome:
 
 OK = SendOutcome(True, status=200)
 PERMANENT = SendOutcome(False, retryable=False)
-
-
-def encode(spans: Sequence[ReadableSpan]) -> bytes:
-    """Serialize spans once into OTLP ``ExportTraceServiceRequest`` bytes (official encoder)."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-    return encode_spans(spans).SerializeToString()
 
 
 _quieted = False

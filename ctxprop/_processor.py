@@ -32,7 +32,8 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from ctxprop import _stats
-from ctxprop._export import OK, SendOutcome, encode
+from ctxprop._encoding import encode
+from ctxprop._export import OK, SendOutcome
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -382,13 +383,17 @@ class CtxpropSpanProcessor(SpanProcessor):
         if self._sender is None:
             return _Batch(spans, None, len(spans))
         try:
-            payload = encode(spans)
+            payload, count, dropped = encode(spans)
         except Exception:  # noqa: BLE001 - an unencodable batch is counted, never raised
-            self._count("dropped_encode_error", len(spans))
+            self._count("dropped_unencodable", len(spans))
             return None
-        batch = _Batch(None, payload, len(spans))
+        # A span that cannot be encoded is dropped alone; the rest of its batch goes on.
+        self._count("dropped_unencodable", dropped)
+        if not count:
+            return None
+        batch = _Batch(None, payload, count)
         if self._durable:
-            batch.handle = self._spool_call("write_ahead", payload, len(spans))
+            batch.handle = self._spool_call("write_ahead", payload, count)
         return batch
 
     def _attempt(self, batch: _Batch, timeout: float) -> SendOutcome:

@@ -264,7 +264,7 @@ def test_close_finishes_a_background_replay_it_raced_with(
     receiver: OTLPReceiver, procs: list[CtxpropSpanProcessor], tmp_path: Path
 ) -> None:
     """shutdown right after a background replay started still delivers every spooled span, once."""
-    from ctxprop._export import encode
+    from ctxprop._encoding import encode
 
     mem = RecordingExporter()
     src = CtxpropSpanProcessor(exporter=mem, max_export_batch_size=50, schedule_delay=60)
@@ -273,7 +273,7 @@ def test_close_finishes_a_background_replay_it_raced_with(
     assert src.flush_until(time.monotonic() + 20)
     spool = Spool.open(tmp_path / "spool")
     for i in range(0, 200, 50):
-        spool.append(encode(mem.spans[i : i + 50]), 50)
+        spool.append(encode(mem.spans[i : i + 50]).payload, 50)
     receiver.set_mode("slow", delay=0.3)  # each replayed request takes a while: the race is wide open
     proc = CtxpropSpanProcessor(sender=OTLPSender(receiver.endpoint), spool=spool, schedule_delay=60)
     procs.append(proc)
@@ -305,7 +305,7 @@ def test_refused_replay_backs_off_then_delivers_without_new_spans(
 ) -> None:
     """A spool replay refused with 503 is probed again with backoff (no hot loop) and, once the
     collector is back, delivered even though the application ends no new span."""
-    from ctxprop._export import encode
+    from ctxprop._encoding import encode
 
     mem = RecordingExporter()
     src = CtxpropSpanProcessor(exporter=mem, schedule_delay=60)
@@ -313,7 +313,7 @@ def test_refused_replay_backs_off_then_delivers_without_new_spans(
     _make(_provider(src), 30, "old")
     assert src.flush_until(time.monotonic() + 20)
     spool = Spool.open(tmp_path / "spool")
-    spool.append(encode(mem.spans), 30)
+    spool.append(encode(mem.spans).payload, 30)
     receiver.set_mode("503")
     proc = CtxpropSpanProcessor(sender=OTLPSender(receiver.endpoint), spool=spool, schedule_delay=0.05)
     procs.append(proc)
