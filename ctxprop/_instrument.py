@@ -27,10 +27,11 @@ import concurrent.futures.process
 import concurrent.futures.thread
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextvars import copy_context
+from contextvars import Context, ContextVar, copy_context
 from typing import Any
 
 import wrapt
@@ -139,43 +140,127 @@ def _is_infrastructure(thread: threading.Thread) -> bool:
 def _start_wrapper(
     wrapped: Callable[..., None], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    if not _active or not _bind_run(instance):
+    if not _active:
+        return wrapped(*args, **kwargs)
+    previous = _bind_run(instance)
+    if previous is _UNBOUND:
         return wrapped(*args, **kwargs)
     try:
         return wrapped(*args, **kwargs)
     except BaseException:
-        instance.__dict__.pop("run", None)
+        _unbind_run(instance, previous)
         raise
 
 
-def _bind_run(thread: Any) -> bool:
-    """Make ``thread`` run in the caller's context; False when its start is left alone. Never raises:
-    whatever ``start()`` raises (a thread started twice, or whose ``__init__`` never ran) must come from
-    the standard library, unchanged."""
+# _bind_run's answers: the thread is left alone, or it was bound and had no instance-level run before.
+_UNBOUND = object()
+_NO_INSTANCE_RUN = object()
+
+# 3.14+: a thread runs in a context of its own (its ``context=`` argument, else a copy of the starter's
+# when ``sys.flags.thread_inherit_context`` is on, else an empty one).
+_THREAD_CONTEXT = sys.version_info >= (3, 14)
+
+
+def _inherits_context() -> bool:
+    return bool(getattr(sys.flags, "thread_inherit_context", 0))
+
+
+def _has_explicit_context(thread: threading.Thread) -> bool:
+    """Whether the caller gave ``Thread(context=...)`` (3.14+): then that is the context it runs in.
+
+    The standard library has no public reader for it; before ``start()``, its private ``_context`` is
+    None unless a context was given (it is filled in by ``start()`` itself).
+    """
+    return _THREAD_CONTEXT and getattr(thread, "_context", None) is not None
+
+
+def _unbind_run(thread: Any, previous: object) -> None:
+    if previous is _NO_INSTANCE_RUN:
+        thread.__dict__.pop("run", None)
+    else:
+        thread.__dict__["run"] = previous
+
+
+def _bind_run(thread: Any) -> object:
+    """Make ``thread`` run in the caller's context. Returns ``_UNBOUND`` when its start is left alone,
+    else what the instance's own ``run`` attribute was (``_NO_INSTANCE_RUN`` for none), to put back if
+    ``start()`` fails. Never raises: whatever ``start()`` raises (a thread started twice, or whose
+    ``__init__`` never ran) must come from the standard library, unchanged.
+
+    Another library may have wrapped the instance's ``run`` before us (Sentry's ThreadingIntegration
+    patched ``start`` first, so its ``start`` runs ours inside), or may wrap ours after us (it patched
+    ``start`` after ``instrument()``). Either way the thread's body runs in the captured context:
+
+    - an instance-level ``run`` already there is what gets wrapped, so the other library's wrapper runs
+      inside our context;
+    - a wrapper that calls ours as a plain function with the thread first (Sentry calls
+      ``run(thread)``) gets that argument dropped, and the context variables it set in the thread's
+      own context before calling us (Sentry's forked scopes) are set again inside ours, so its state and
+      its exception capture see what the thread does.
+    """
     try:
         if (
             not isinstance(thread, threading.Thread)
             or not getattr(thread, "_initialized", False)  # start() raises its own RuntimeError
             or thread.ident is not None
-            or "run" in thread.__dict__
             or getattr(thread, "_ctxprop_propagates", False)
-            or _is_infrastructure(thread)
+            or _has_explicit_context(thread)
         ):
-            return False
+            return _UNBOUND
+        previous = thread.__dict__.get("run", _NO_INSTANCE_RUN)
+        run = thread.run  # the subclass's own run(), or an instance-level wrapper of it
+        if _is_infrastructure(thread):
+            if not _inherits_context():
+                return _UNBOUND  # it starts in an empty context already
+            # A pool's thread would keep the first submitter's context (initializer included) for life.
+            thread.run = functools.partial(_run_clean, thread, run)  # type: ignore[method-assign]
+            return previous
         snap = _capture.capture()
-        run = thread.run  # the subclass's own run(), if it overrides it
     except Exception:  # noqa: BLE001 - an odd Thread subclass starts as it would without instrument()
         _stats.incr("instrument_errors")
-        return False
+        return _UNBOUND
 
-    def run_in_snapshot() -> None:
+    def run_in_snapshot(*args: Any, **kwargs: Any) -> None:
+        if args and args[0] is thread:
+            args = args[1:]
         try:
-            snap._run_once(run)
+            outer = _set_outside(snap.context)
+            if outer:
+                snap._run_once(_run_with, outer, run, args, kwargs)
+            else:
+                snap._run_once(run, *args, **kwargs)
         finally:
             thread.__dict__.pop("run", None)  # drop the cycle thread -> closure -> thread
 
     thread.run = run_in_snapshot  # type: ignore[method-assign]
-    return True
+    return previous
+
+
+def _run_clean(thread: Any, run: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    if args and args[0] is thread:
+        args = args[1:]
+    try:
+        Context().run(run, *args, **kwargs)
+    finally:
+        thread.__dict__.pop("run", None)
+
+
+def _set_outside(captured: Context) -> list[tuple[ContextVar[Any], Any]]:
+    """The variables that the thread's own context holds with other values than the captured one: those
+    a wrapper outside ours set in this thread before calling us."""
+    return [(var, value) for var, value in copy_context().items() if captured.get(var, _UNBOUND) is not value]
+
+
+def _run_with(
+    outer: list[tuple[ContextVar[Any], Any]],
+    run: Callable[..., None],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    # Inside the task's own context copy, after the scopes and capture hooks: plain set() is right.
+    for var, value in outer:
+        var.set(value)
+    run(*args, **kwargs)
 
 
 class _ProcessSubmit:
