@@ -74,7 +74,9 @@ with ctxprop.isolation_scope():
     init_seen = []
     pool = ThreadPoolExecutor(max_workers=1, initializer=lambda: init_seen.append(seen()))
     aware_init = []
-    aware = ctxprop.ContextAwareThreadPoolExecutor(max_workers=1, initializer=lambda: aware_init.append(seen()))
+    aware = ctxprop.ContextAwareThreadPoolExecutor(
+        max_workers=1, initializer=lambda: aware_init.append(seen())
+    )
     try:
         out["pool_task"] = pool.submit(write).result(30)
         out["aware_task"] = aware.submit(write).result(30)
