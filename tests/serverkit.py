@@ -91,8 +91,12 @@ class Server:
 
 
 def telemetry_env(receiver: OTLPReceiver, telemetry: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment for an app: the collector, the telemetry mode, a spool of the test's own."""
+    """The environment for an app: the collector, the telemetry mode, a spool of the test's own.
+
+    The batch timer is set far beyond the test's length, so no span leaves early on the timer: whatever
+    arrives was sent by the ending under test."""
     env = {
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",
         "APP_TELEMETRY": telemetry,
         "APP_ENDPOINT": receiver.endpoint,
         "CTXPROP_SPOOL_DIR": str(tmp_path / f"spool-{telemetry}"),
@@ -159,8 +163,37 @@ def _wait_ready(server: Server, timeout: float, workers: int) -> None:
     pytest.fail(f"server not ready within {timeout}s (saw pids {sorted(pids)})\n{server.stderr()}")
 
 
-def drive(server: Server, rids: Sequence[str], *, threads: int = 4) -> list[dict[str, Any]]:
-    """Send ``GET /work?rid=R`` for each rid from ``threads`` client threads; return the JSON answers."""
+#: Requests sent again because the server hung up before it read them (see ``get_work``).
+RESENT: list[str] = []
+
+
+def get_work(client: httpx.Client, rid: str, headers: dict[str, str]) -> dict[str, Any]:
+    """``GET /work?rid=RID``; sent again (twice at most) when the server closed or reset the connection
+    before answering, as a worker that is leaving does with a connection it accepted but had not read yet
+    (uvicorn finishes every request it has read before it leaves). Had the worker read and served the
+    request, its spans would arrive twice under one rid and the test fail."""
+    for attempt in range(3):
+        try:
+            r = client.get("/work", params={"rid": rid}, headers=headers)
+        except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError):
+            if attempt == 2:
+                raise
+            RESENT.append(rid)
+            continue
+        r.raise_for_status()
+        body: dict[str, Any] = r.json()
+        return body
+    raise AssertionError("unreachable")
+
+
+def drive(
+    server: Server, rids: Sequence[str], *, threads: int = 4, keep_alive: bool = True
+) -> list[dict[str, Any]]:
+    """Send ``GET /work?rid=R`` for each rid from ``threads`` client threads; return the JSON answers.
+
+    ``keep_alive=False`` opens a connection per request (for servers that recycle their workers: a
+    keep-alive connection to a worker that is leaving would fail a request with no server at fault)."""
+    headers = {} if keep_alive else {"Connection": "close"}
     answers: dict[str, dict[str, Any]] = {}
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -174,9 +207,7 @@ def drive(server: Server, rids: Sequence[str], *, threads: int = 4) -> list[dict
                         return
                     rid = todo.pop()
                 try:
-                    r = client.get("/work", params={"rid": rid})
-                    r.raise_for_status()
-                    body = r.json()
+                    body = get_work(client, rid, headers)
                 except BaseException as e:  # noqa: BLE001 - reported by the test thread below
                     with lock:
                         errors.append(e)
@@ -195,7 +226,10 @@ def drive(server: Server, rids: Sequence[str], *, threads: int = 4) -> list[dict
 
 
 class Load:
-    """Requests sent back to back from a client thread until ``stop()``: traffic while a server reloads."""
+    """Requests sent back to back from a client thread until ``stop()``: traffic while a server reloads.
+
+    Each request on a connection of its own, as through a load balancer that does not pool: a keep-alive
+    connection to a worker that is leaving could fail a request with no server at fault."""
 
     def __init__(self, server: Server, prefix: str) -> None:
         self._server = server
@@ -220,9 +254,7 @@ class Load:
                 rid = f"{self._prefix}{i}"
                 i += 1
                 try:
-                    r = client.get("/work", params={"rid": rid})
-                    r.raise_for_status()
-                    body = r.json()
+                    body = get_work(client, rid, {"Connection": "close"})
                 except httpx.HTTPError as e:
                     self.failures.append(f"{rid}: {e!r}")
                     continue
@@ -234,6 +266,11 @@ class Load:
         """Block until ``n`` requests were answered in all, or ``timeout`` passed."""
         with self._progress:
             return self._progress.wait_for(lambda: len(self.answers) >= n, timeout)
+
+    def wait_for_pids(self, n: int, timeout: float) -> bool:
+        """Block until answers came from ``n`` distinct worker processes, or ``timeout`` passed."""
+        with self._progress:
+            return self._progress.wait_for(lambda: len({a["pid"] for a in self.answers}) >= n, timeout)
 
     def stop(self) -> None:
         """Stop after the request in flight; wait for the client thread."""
