@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import OTLPReceiver, child_env, receiver  # noqa: F401
 
-from ctxprop import _spool, _stats
+from ctxprop import _spool_disk, _spool_format, _stats
 from ctxprop._devtools.receiver import decode_request
 from ctxprop._devtools.spool_cli import make_sender
 from ctxprop._spool import Spool, default_spool_dir
@@ -78,7 +78,7 @@ def segments(d: Path) -> list[str]:
 def write_raw_segment(d: Path, records: list[tuple[bytes, int]], created_ns: int | None = None) -> Path:
     """A multi-record segment written byte by byte in the documented format."""
     created = time.time_ns() if created_ns is None else created_ns
-    data = _spool._FILE_MAGIC + b"".join(_spool._encode_record(p, n, created) for p, n in records)
+    data = _spool_format.FILE_MAGIC + b"".join(_spool_format.encode_record(p, n, created) for p, n in records)
     spans = sum(n for _p, n in records)
     path = d / f"seg-{created:020d}-{os.getpid()}-0badcafe-{spans}.ctxs"
     path.write_bytes(data)
@@ -109,8 +109,8 @@ def test_segment_format_is_magic_then_checksummed_records(tmp_path: Path) -> Non
     (name,) = segments(tmp_path)
     assert name.endswith("-7.ctxs")
     data = (tmp_path / name).read_bytes()
-    assert data.startswith(_spool._FILE_MAGIC)
-    records, corrupt = _spool._parse_records(data)
+    assert data.startswith(_spool_format.FILE_MAGIC)
+    records, corrupt = _spool_format.parse_records(data)
     assert corrupt == 0
     assert [(p, n) for p, n, _c in records] == [(b"payload-bytes", 7)]
     assert data.endswith(b"payload-bytes")
@@ -198,7 +198,7 @@ def test_corrupt_length_field_resynchronises_on_the_next_record(tmp_path: Path) 
     """A damaged record header (length) does not hide the records after it."""
     path = write_raw_segment(tmp_path, [(b"a" * 50, 1), (b"b" * 50, 1), (b"c" * 50, 1)])
     data = bytearray(path.read_bytes())
-    second = len(_spool._FILE_MAGIC) + _spool._REC_HEAD.size + 50
+    second = len(_spool_format.FILE_MAGIC) + _spool_format.REC_HEAD.size + 50
     data[second + 4] ^= 0x7F  # the u32 length of the second record
     path.write_bytes(bytes(data))
     sent = Collect()
@@ -334,7 +334,7 @@ def test_another_users_directory_is_refused(tmp_path: Path) -> None:
 def test_planted_symlink_segment_is_never_followed(tmp_path: Path) -> None:
     """A symlink named like a segment is not read through nor sent, and its target is untouched."""
     secret = tmp_path / "secret"
-    secret.write_bytes(_spool._FILE_MAGIC + _spool._encode_record(b"secret", 1, time.time_ns()))
+    secret.write_bytes(_spool_format.FILE_MAGIC + _spool_format.encode_record(b"secret", 1, time.time_ns()))
     d = tmp_path / "spool"
     spool = Spool.open(d)
     (d / f"seg-{time.time_ns():020d}-1-deadbeef-1.ctxs").symlink_to(secret)
@@ -449,7 +449,7 @@ def test_a_lease_is_judged_by_its_lock_not_by_the_pid_in_its_name(tmp_path: Path
     reused, or one seen from another pid namespace); a lease this process holds stays leased."""
     spool = Spool.open(tmp_path)
     held = spool.write_ahead(b"mine", 2)
-    assert isinstance(held, _spool._Handle)
+    assert isinstance(held, _spool_disk.Handle)
     write_raw_segment(tmp_path, [(b"orphan", 3)])
     (orphan,) = segments(tmp_path)
     os.rename(tmp_path / orphan, tmp_path / f"{orphan}.lease-{os.getpid()}")
@@ -467,14 +467,14 @@ def test_write_ahead_holds_a_bounded_number_of_descriptors(tmp_path: Path) -> No
     batch is not written ahead (counted), and settling one makes room again."""
     spool = Spool.open(tmp_path)
     fds_before = len(os.listdir("/proc/self/fd"))
-    handles = [spool.write_ahead(b"x", 1) for _ in range(_spool._MAX_HELD)]
+    handles = [spool.write_ahead(b"x", 1) for _ in range(_spool_disk.MAX_HELD)]
     assert None not in handles
     assert spool.write_ahead(b"one too many", 3) is None
     assert _stats.snapshot()["spool_write_ahead_skipped_spans"] == 3
-    assert len(os.listdir("/proc/self/fd")) - fds_before == _spool._MAX_HELD
+    assert len(os.listdir("/proc/self/fd")) - fds_before == _spool_disk.MAX_HELD
     spool.release(handles[0])
     assert spool.write_ahead(b"room again", 1) is not None
-    assert spool.status().leased == _spool._MAX_HELD
+    assert spool.status().leased == _spool_disk.MAX_HELD
 
 
 def open_fds_on(path: Path) -> int:
@@ -615,7 +615,7 @@ def test_event_log_is_compacted_to_totals_instead_of_growing_or_freezing(
 ) -> None:
     """Past its size limit the drop/corrupt log is rewritten as totals: it stays small, and status()
     keeps counting every drop."""
-    monkeypatch.setattr(_spool, "_EVENTS_MAX", 200)
+    monkeypatch.setattr(_spool_disk, "_EVENTS_MAX", 200)
     spool = Spool.open(tmp_path, max_bytes=0)
     for _ in range(100):
         spool.append(b"dropped at once", 3)

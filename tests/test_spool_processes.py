@@ -198,11 +198,11 @@ def test_replayer_killed_while_giving_back_the_rest_of_a_segment_sends_nothing_t
     crashed = run_child(
         f"""
 import json, os, time
-from ctxprop import _spool
+from ctxprop import _spool, _spool_disk
 spool = _spool.Spool.open({str(spool_dir)!r})
 real_rename = os.rename
 def rename(src, dst, **kwargs):
-    if _spool._SEGMENT_RE.match(os.fspath(dst)):
+    if _spool_disk.SEGMENT_RE.match(os.fspath(dst)):
         os._exit(9)   # the crash: whatever the spool did to give the rest back before this point stays
     real_rename(src, dst, **kwargs)
 os.rename = rename
