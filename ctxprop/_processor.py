@@ -294,7 +294,11 @@ class CtxpropSpanProcessor(SpanProcessor):
         try:
             if not self._spool.has_pending():
                 return
-            sent = self._spool.replay(self._sender, time.monotonic() + _REPLAY_SLICE)
+            # The slice bounds when requests start, never how long one may take: a request cut short
+            # after the collector kept it would be sent again (the spool's replay() explains the edges).
+            sent = self._spool.replay(
+                self._sender, time.monotonic() + _REPLAY_SLICE, timeout=self._export_timeout
+            )
             self._count("replayed", sent)
             if not self._spool.has_pending() or self._is_stopping():
                 self._replay_backoff = 0.0

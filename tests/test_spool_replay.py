@@ -1,0 +1,90 @@
+"""Background replay of the spool through collectors that answer late: every span once, none twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from collectors import duplicates, late_answering_receiver
+from support import run_child
+from test_spool_processes import fill_spool
+
+from ctxprop._spool import Spool
+
+SPANS = 3000
+
+# A fresh process replays what an earlier one spooled, in the background (no flush, no close deadline),
+# and closes once the spool reports every span delivered.
+REPLAYER = """
+import json, time
+import ctxprop
+from ctxprop import _stats
+ctxprop.init(service_name="replayer", endpoint={endpoint!r}, spool_dir={spool_dir!r})
+end = time.monotonic() + 60
+while _stats.snapshot().get("spool_replayed_spans", 0) < {spans} and time.monotonic() < end:
+    time.sleep(0.05)
+ctxprop.close()
+print(json.dumps({{"stats": ctxprop.stats()}}))
+"""
+
+
+def replay_through_late_collector(
+    spool_dir: Path, low: float, high: float, seed: int
+) -> tuple[int, int, dict[str, int]]:
+    """(spans received, duplicates among them, the replayer's stats) for one background replay."""
+    with late_answering_receiver(low, high, seed=seed) as rx:
+        result = run_child(
+            REPLAYER.format(endpoint=rx.endpoint, spool_dir=str(spool_dir), spans=SPANS), timeout=90
+        )
+        assert result.returncode == 0, result.stderr
+        return rx.span_count, duplicates(rx), result.last("stats")
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "batches"),
+    [(0.05, 0.3, 20), (0.3, 0.6, 10), (0.7, 1.3, 4)],
+    ids=["50-300ms", "300-600ms", "0.7-1.3s"],
+)
+def test_background_replay_sends_no_span_twice_through_a_late_collector(
+    tmp_path: Path, low: float, high: float, batches: int
+) -> None:
+    """Replaying 3000 spooled spans through a collector that keeps each request and answers it late
+    delivers each span exactly once, and leaves the spool empty."""
+    spool_dir = tmp_path / "spool"
+    fill_spool(spool_dir, batches, SPANS // batches)
+    received, dups, stats = replay_through_late_collector(spool_dir, low, high, seed=1)
+    assert dups == 0
+    assert received == SPANS
+    assert stats.get("spool_replayed_spans") == SPANS
+    assert Spool.open(spool_dir).status().spans == 0
+
+
+@pytest.mark.slow
+def test_background_replay_is_exactly_once_in_ten_runs(tmp_path: Path) -> None:
+    """Ten runs of 3000 spooled spans through a 50-300 ms collector: no duplicate in any run."""
+    found = []
+    for run in range(10):
+        spool_dir = tmp_path / f"spool-{run}"
+        fill_spool(spool_dir, 20, SPANS // 20)
+        received, dups, _stats = replay_through_late_collector(spool_dir, 0.05, 0.3, seed=run)
+        found.append((received, dups))
+    assert found == [(SPANS, 0)] * 10
+
+
+def test_a_request_unanswered_within_its_whole_timeout_is_kept_and_counted_uncertain(
+    tmp_path: Path,
+) -> None:
+    """A replayed request the collector kept but did not answer within its full timeout is the one edge
+    of exactly-once: it stays in the spool (sent again later: at least once) and is counted uncertain."""
+    from ctxprop import _stats
+    from ctxprop._devtools.spool_cli import make_sender
+
+    spool_dir = tmp_path / "spool"
+    fill_spool(spool_dir, 2, 5)
+    with late_answering_receiver(2.0, 2.0) as rx:
+        spool = Spool.open(spool_dir)
+        sent = spool.replay(make_sender(rx.endpoint), float("inf"), timeout=0.3)
+        assert rx.wait_for_spans(5, 10)
+    assert sent == 0
+    assert _stats.snapshot().get("spool_uncertain_spans") == 5
+    assert spool.status().spans == 10
