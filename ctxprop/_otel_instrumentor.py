@@ -44,7 +44,9 @@ _Base: Any = _instrumentor_base()
 
 class CtxpropInstrumentor(_Base):  # type: ignore[misc]
     """The ``opentelemetry_instrumentor`` entry point: ``opentelemetry-instrument python app.py`` calls
-    :func:`instrument` before the application starts.
+    :func:`instrument` before the application starts, and gives the provider that the stock configurator
+    built ctxprop's scope tags and a flush at SIGTERM and exit (``OTEL_PYTHON_CONFIGURATOR=ctxprop`` for
+    ctxprop's whole pipeline instead).
 
     >>> CtxpropInstrumentor().instrument()
     >>> CtxpropInstrumentor().uninstrument()
@@ -57,6 +59,14 @@ class CtxpropInstrumentor(_Base):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         instrument()
+        # Without OTEL_PYTHON_CONFIGURATOR=ctxprop, the stock configurator built the provider (instrumentors
+        # load after configurators): its spans still get the scope tags, and are flushed at SIGTERM and
+        # exit. ctxprop's own pipeline (spool, bounded endings, retries) needs the configurator.
+        from opentelemetry import trace
+
+        from ctxprop import _pipeline
+
+        _pipeline.adopt(trace.get_tracer_provider())
 
     def _uninstrument(self, **kwargs: Any) -> None:
         uninstrument()

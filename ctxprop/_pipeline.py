@@ -44,6 +44,9 @@ _lock = threading.Lock()
 _provider: TracerProvider | None = None
 _processor: CtxpropSpanProcessor | None = None
 _config: PipelineConfig | None = None
+_configured = False  # the pipeline was set up by the ctxprop configurator (attach), not by init()
+# A provider someone else set as the global one before init(): flushed at ctxprop's endings too.
+_foreign: TracerProvider | None = None
 
 
 def init(
@@ -79,6 +82,10 @@ def init(
     """
     global _provider, _processor, _config
     with _lock:
+        if _provider is not None and _configured:
+            # OTEL_PYTHON_CONFIGURATOR=ctxprop set the pipeline up before the application ran: the OTEL_*
+            # variables decide, and the application's own init() is the no-op it would be without it.
+            return _provider
         if _provider is not None:
             warnings.warn(
                 "ctxprop.init() was already called in this process; keeping the first pipeline "
@@ -112,26 +119,7 @@ def init(
         from ctxprop._export import stable_resource
 
         resource = stable_resource(Resource.create(attrs))
-        if exporter is not None:
-            processor = CtxpropSpanProcessor(
-                exporter=exporter,
-                max_queue_size=cfg.max_queue_size,
-                max_export_batch_size=cfg.max_export_batch_size,
-                schedule_delay=cfg.schedule_delay,
-                export_timeout=cfg.export_timeout,
-            )
-        else:
-            from ctxprop._export import OTLPSender
-
-            processor = CtxpropSpanProcessor(
-                sender=OTLPSender(cfg.endpoint, headers=cfg.headers, compression=cfg.compression),
-                spool=_open_spool(cfg),
-                max_queue_size=cfg.max_queue_size,
-                max_export_batch_size=cfg.max_export_batch_size,
-                schedule_delay=cfg.schedule_delay,
-                export_timeout=cfg.export_timeout,
-                durable=cfg.durable,
-            )
+        processor = _build_processor(cfg, exporter)
         # ctxprop owns the ending (atexit with a deadline); the SDK's own atexit shutdown would be a second,
         # unbounded one.
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
@@ -139,11 +127,60 @@ def init(
         provider.add_span_processor(processor)
         _set_global_provider(provider)
         _provider, _processor, _config = provider, processor, cfg
+    _arm(cfg, processor)
+    return provider
+
+
+def _build_processor(cfg: PipelineConfig, exporter: SpanExporter | None) -> CtxpropSpanProcessor:
+    if exporter is not None:
+        return CtxpropSpanProcessor(
+            exporter=exporter,
+            max_queue_size=cfg.max_queue_size,
+            max_export_batch_size=cfg.max_export_batch_size,
+            schedule_delay=cfg.schedule_delay,
+            export_timeout=cfg.export_timeout,
+        )
+    from ctxprop._export import OTLPSender
+
+    return CtxpropSpanProcessor(
+        sender=OTLPSender(cfg.endpoint, headers=cfg.headers, compression=cfg.compression),
+        spool=_open_spool(cfg),
+        max_queue_size=cfg.max_queue_size,
+        max_export_batch_size=cfg.max_export_batch_size,
+        schedule_delay=cfg.schedule_delay,
+        export_timeout=cfg.export_timeout,
+        durable=cfg.durable,
+    )
+
+
+def _arm(cfg: PipelineConfig, processor: CtxpropSpanProcessor) -> None:
     _lifecycle.install(close, handle_signals=cfg.handle_signals, flush=flush)
     processor.request_replay()
     _adopt_environment()
     _enable_sentry_adapter()
-    return provider
+
+
+def attach(provider: TracerProvider, *, exporter: SpanExporter | None = None) -> bool:
+    """ctxprop's pipeline on a provider built elsewhere (the ``ctxprop`` OpenTelemetry configurator: the
+    SDK built the provider with its sampler, id generator and resource from the ``OTEL_*`` variables), as
+    ``init()`` sets it up from those variables: scope tags, ctxprop's processor, the spool, the endings.
+
+    Returns False (and changes nothing) when a pipeline is already set up in this process.
+    """
+    global _provider, _processor, _config, _configured
+    with _lock:
+        if _provider is not None:
+            return False
+        cfg = build_config()
+        from ctxprop._export import quiet_official_loggers
+
+        quiet_official_loggers()
+        processor = _build_processor(cfg, exporter)
+        provider.add_span_processor(ScopeTagSpanProcessor())
+        provider.add_span_processor(processor)
+        _provider, _processor, _config, _configured = provider, processor, cfg, True
+    _arm(cfg, processor)
+    return True
 
 
 def _open_spool(cfg: PipelineConfig) -> Any:
@@ -181,17 +218,72 @@ def _enable_sentry_adapter() -> None:
 
 
 def _set_global_provider(provider: TracerProvider) -> None:
+    global _foreign  # noqa: PLW0603
     current = trace.get_tracer_provider()
-    if isinstance(current, TracerProvider):
-        # Someone set an SDK provider already; OTel refuses a second one (and logs to stderr).
-        warnings.warn(
-            "a global TracerProvider was already set before ctxprop.init(); ctxprop's provider is returned "
-            "but trace.get_tracer() keeps using the other one",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if isinstance(current, trace.ProxyTracerProvider):
+        trace.set_tracer_provider(provider)
         return
-    trace.set_tracer_provider(provider)
+    # Someone set a provider already (opentelemetry-instrument's stock configurator, a framework, the
+    # application): OTel refuses a second one. The spans of trace.get_tracer() keep going through that
+    # provider's own processors; ctxprop gives them the scope tags and flushes that provider at its
+    # endings (SIGTERM, exit, close()), so they are not lost when the process stops. One warning says
+    # how to have ctxprop's pipeline deliver them instead.
+    if isinstance(current, TracerProvider):
+        try:
+            current.add_span_processor(ScopeTagSpanProcessor())
+            _foreign = current
+        except Exception:  # noqa: BLE001 - a foreign provider's fault must not fail init()
+            _stats.incr("foreign_provider_errors")
+    warnings.warn(
+        f"a global TracerProvider ({type(current).__name__}) was set before ctxprop.init(), so spans "
+        "from trace.get_tracer() go through its processors, not ctxprop's pipeline (ctxprop adds its scope "
+        "tags to them and flushes that provider at exit and SIGTERM). For ctxprop's pipeline, run "
+        "opentelemetry-instrument with OTEL_PYTHON_CONFIGURATOR=ctxprop, or add "
+        "ctxprop.CtxpropSpanProcessor (and ctxprop.ScopeTagSpanProcessor) to your own provider instead "
+        "of calling init()",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def adopt(provider: object) -> bool:
+    """For ``opentelemetry-instrument`` without the ctxprop configurator (the instrumentor): a provider the
+    SDK's stock configurator set gets ctxprop's scope tags, and is flushed at ctxprop's endings (SIGTERM,
+    exit) so its ``BatchSpanProcessor`` does not lose what it queued. No-op for ctxprop's own pipeline, a
+    provider already adopted, or one that is not the SDK's; returns whether it adopted ``provider``.
+    """
+    global _foreign  # noqa: PLW0603
+    with _lock:
+        if not isinstance(provider, TracerProvider) or provider is _provider or provider is _foreign:
+            return False
+        try:
+            provider.add_span_processor(ScopeTagSpanProcessor())
+        except Exception:  # noqa: BLE001 - a foreign provider's fault must not reach the application
+            _stats.incr("foreign_provider_errors")
+            return False
+        _foreign = provider
+    _lifecycle.install(close, handle_signals=True, flush=flush)
+    return True
+
+
+def _flush_foreign(deadline: float) -> None:
+    """Flush the provider someone else set (see ``_set_global_provider``) within ``deadline``: its
+    processors may ignore their timeout, so the flush runs in a thread of its own that is waited for only
+    until then."""
+    foreign = _foreign
+    remaining = deadline - time.monotonic()
+    if foreign is None or remaining <= 0:
+        return
+
+    def run() -> None:
+        try:
+            foreign.force_flush(int(remaining * 1000))
+        except Exception:  # noqa: BLE001 - never raise from close()
+            _stats.incr("foreign_provider_errors")
+
+    t = threading.Thread(target=run, name="ctxprop-foreign-flush", daemon=True)
+    t.start()
+    t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _reset_global_provider() -> None:
@@ -245,6 +337,8 @@ def flush(timeout: float | None = None) -> bool:
     """
     processor = _processor
     if processor is None:
+        if _foreign is not None:
+            _flush_foreign(_deadline(timeout))
         return True
     try:
         return processor.flush_until(_deadline(timeout))
@@ -262,18 +356,23 @@ def close(timeout: float | None = None) -> None:
 
     .. versionadded:: 0.1.0
     """
-    global _provider, _processor, _config
+    global _provider, _processor, _config, _configured, _foreign  # noqa: PLW0603
     processor, provider = _processor, _provider
     if processor is None:
+        if _foreign is not None:  # adopt(): only someone else's provider to deliver
+            _flush_foreign(_deadline(timeout))
         return
     deadline = _deadline(timeout)
     # Detach first so a second close() (atexit after an explicit one, or SIGTERM during close) is a no-op.
     _provider, _processor, _config = None, None, None
+    _configured = False
     with _lifecycle.closing():
         try:
             processor.shutdown_until(deadline)
         except Exception:  # noqa: BLE001 - never raise from close()
             _stats.incr("export_errors")
+        _flush_foreign(deadline)
+        _foreign = None
         _lifecycle.uninstall()
         if provider is not None and trace.get_tracer_provider() is provider:
             _reset_global_provider()
@@ -286,9 +385,10 @@ def forget() -> None:
 
     .. versionadded:: 0.1.0
     """
-    global _provider, _processor, _config
+    global _provider, _processor, _config, _configured, _foreign
     processor = _processor
     _provider, _processor, _config = None, None, None
+    _configured, _foreign = False, None
     if processor is not None:
         processor.forget()
     _lifecycle.uninstall()

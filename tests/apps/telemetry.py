@@ -2,6 +2,8 @@
 
 ``APP_TELEMETRY=ctxprop``: ``ctxprop.init()`` and ``ctxprop.instrument()``. ``APP_TELEMETRY=stock``: the
 OpenTelemetry SDK's own ``BatchSpanProcessor`` to the same collector, the baseline without ctxprop.
+``APP_TELEMETRY=zero-code``: nothing in the app; ``opentelemetry-instrument`` set it all up (the app still
+sets its scope tags with ctxprop).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ MODE = os.environ.get("APP_TELEMETRY", "ctxprop")
 
 def setup(service_name: str) -> None:
     """Set up the global provider for ``MODE``."""
+    if MODE == "zero-code":
+        return
     if MODE == "ctxprop":
         import ctxprop
 
@@ -34,7 +38,7 @@ def setup(service_name: str) -> None:
 
 def set_tag(key: str, value: str) -> None:
     """A scope tag with ctxprop (an attribute of every span started after it); nothing without it."""
-    if MODE == "ctxprop":
+    if MODE in ("ctxprop", "zero-code"):
         import ctxprop
 
         ctxprop.set_tag(key, value)
@@ -42,7 +46,7 @@ def set_tag(key: str, value: str) -> None:
 
 def isolation_scope() -> Any:
     """``ctxprop.isolation_scope()`` per request with ctxprop; nothing without it."""
-    if MODE == "ctxprop":
+    if MODE in ("ctxprop", "zero-code"):
         import ctxprop
 
         return ctxprop.isolation_scope()
