@@ -5,6 +5,12 @@ The worker encodes each batch once; the same bytes are then sent, retried, spool
 could not be encoded at all (a lone surrogate in a span's name, say): those are dropped alone, and the
 caller counts them (``dropped_unencodable``), the rest of the batch goes out.
 
+Two encoders, chosen process-wide by :func:`use_encoder` (``init(encoder=...)``, ``CTXPROP_ENCODER``):
+``"ctxprop"`` (the default) writes the wire format by hand (``_otlp_wire``), several times cheaper per
+span, and hands any span it cannot write exactly to the official encoder, splicing that span's bytes
+into its group; ``"official"`` is ``encode_spans(...).SerializeToString()`` for the whole batch. Both give
+the same bytes; the records in the spool are the same either way.
+
 >>> encode([]).spans
 0
 """
@@ -14,10 +20,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
+from ctxprop import _otlp_wire
 
-__all__ = ["Encoded", "encode", "encode_official"]
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+__all__ = ["ENCODERS", "Encoded", "encode", "encode_fast", "encode_official", "use_encoder"]
+
+ENCODERS = ("ctxprop", "official")
+_official = False
 
 
 class Encoded(NamedTuple):
@@ -28,9 +41,19 @@ class Encoded(NamedTuple):
     dropped: int
 
 
+def use_encoder(name: str) -> None:
+    """Choose the encoder for this process: ``"ctxprop"`` or ``"official"`` (ValueError otherwise)."""
+    global _official  # noqa: PLW0603
+    if name not in ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(map(repr, ENCODERS))}, not {name!r}")
+    _official = name == "official"
+
+
 def encode(spans: Sequence[ReadableSpan]) -> Encoded:
     """Encode a batch; spans that cannot be encoded are left out and reported in ``dropped``."""
-    return encode_official(spans)
+    if _official:
+        return encode_official(spans)
+    return encode_fast(spans)
 
 
 def _official_bytes(spans: Sequence[ReadableSpan]) -> bytes:
@@ -62,3 +85,62 @@ def _encodes(span: ReadableSpan) -> bool:
     except Exception:  # noqa: BLE001 - this span is the one that cannot be encoded
         return False
     return True
+
+
+def encode_fast(spans: Sequence[ReadableSpan]) -> Encoded:
+    """ctxprop's encoder: the same bytes as the official one, grouped by resource then scope as it does.
+
+    Groups keep their first span's resource and scope objects and the order they first appear in (the
+    official encoder's dicts do the same). A span the hand-written path cannot write goes through the
+    official encoder alone; one neither can encode is left out and counted in ``dropped``.
+    """
+    if not _otlp_wire.calibrate():
+        return encode_official(spans)
+    span_field = _otlp_wire.span_field
+    groups: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
+    last_resource: object = _NOTHING
+    last_scope: object = _NOTHING
+    last: list[bytes] = []
+    dropped = 0
+    for span in spans:
+        try:
+            field = span_field(span)
+        except Exception:  # noqa: BLE001 - exotic or unencodable: the official encoder decides
+            try:
+                field = _otlp_wire.official_span_field(span)
+            except Exception:  # noqa: BLE001 - neither can encode it: this span alone is dropped
+                dropped += 1
+                continue
+        resource = span.resource
+        scope = span.instrumentation_scope or None
+        if resource is not last_resource or scope is not last_scope:
+            last = groups.setdefault(resource, {}).setdefault(scope, [])
+            last_resource, last_scope = resource, scope
+        last.append(field)
+    out: list[bytes] = []
+    count = 0
+    for resource, scopes in groups.items():
+        try:
+            head, tail = _otlp_wire.resource_parts(resource)
+        except Exception:  # noqa: BLE001 - the official encoder cannot encode this resource either
+            dropped += sum(map(len, scopes.values()))
+            continue
+        parts = [head]
+        for scope, fields in scopes.items():
+            try:
+                scope_head, scope_tail = _otlp_wire.scope_parts(scope)
+            except Exception:  # noqa: BLE001 - nor this scope: its spans are dropped, not the batch
+                dropped += len(fields)
+                continue
+            fields.insert(0, scope_head)
+            fields.append(scope_tail)
+            parts.append(_field(b"\x12", b"".join(fields)))
+            count += len(fields) - 2
+        if len(parts) > 1:
+            parts.append(tail)
+            out.append(_field(b"\x0a", b"".join(parts)))
+    return Encoded(b"".join(out), count, dropped)
+
+
+_NOTHING = object()
+_field = _otlp_wire.length_delimited

@@ -1,0 +1,446 @@
+"""A hand-written protobuf encoder for SDK spans: the OTLP wire format, written field by field.
+
+Each span becomes the bytes of one ``Span`` message, fields in field-number order as protobuf writes them
+(so the bytes equal the official encoder's, not only the decoded message). What repeats is cached: the
+encoded resource and scope of each group (taken from the official encoder itself, once per object), the
+key fields of attribute names, and whole key/value pairs for short strings, ints and bools.
+
+A span this encoder cannot write exactly raises (:class:`Unsupported` for a type it leaves to the
+official encoder: a mapping, ``None``, an int subclass, an out-of-range number...; ``UnicodeEncodeError``
+for a lone surrogate), and the caller encodes that span with the official encoder instead.
+
+What differs between versions of the official encoder (the ``flags`` field, a link's ``trace_state``,
+``bytes`` values, ``None`` inside a sequence) is measured once against the installed one
+(:func:`calibrate`): a feature whose bytes do not match is left to the official encoder, and if the
+common shapes do not match, this encoder is not used at all.
+
+>>> from opentelemetry.sdk.trace import ReadableSpan
+>>> from opentelemetry.trace import SpanContext
+>>> len(span_field(ReadableSpan("op", SpanContext(1, 2, False)))) > 30
+True
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.trace import SpanKind
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+__all__ = [
+    "Unsupported",
+    "calibrate",
+    "length_delimited",
+    "official_span_field",
+    "resource_parts",
+    "scope_parts",
+    "span_field",
+]
+
+
+class Unsupported(Exception):
+    """This span holds something only the official encoder writes exactly."""
+
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+_U32 = 0xFFFFFFFF
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_BYTE = [bytes((i,)) for i in range(256)]
+_fixed64 = struct.Struct("<Q").pack
+_double = struct.Struct("<d").pack
+_times = struct.Struct("<BQBQ").pack  # start (field 7) and end (field 8), both fixed64
+
+_KIND = {
+    SpanKind.INTERNAL: b"\x30\x01",
+    SpanKind.SERVER: b"\x30\x02",
+    SpanKind.CLIENT: b"\x30\x03",
+    SpanKind.PRODUCER: b"\x30\x04",
+    SpanKind.CONSUMER: b"\x30\x05",
+}
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _BYTE[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def length_delimited(tag: bytes, body: bytes) -> bytes:
+    """A length-delimited field: its tag, the body's length as a varint, the body."""
+    return tag + _varint(len(body)) + body
+
+
+_field = length_delimited
+
+
+# -- what the installed official encoder does (see calibrate()) ----------------------------------------------
+class _Features:
+    usable = False  # the common shapes encode byte for byte as the official encoder does
+    flags_local = b""  # the whole flags field (tag + fixed32) of a span/link whose parent/context is local
+    flags_remote = b""
+    link_flags_local = b""
+    link_flags_remote = b""
+    link_trace_state = False  # the official encoder writes a link's trace_state
+    bytes_values = False  # it writes bytes as bytes_value
+    none_in_sequences = False  # it writes None inside a sequence as an empty AnyValue
+
+
+_features = _Features()
+_calibrated = False
+_calibrate_lock = threading.Lock()
+
+
+# -- attributes ----------------------------------------------------------------------------------------------
+_CACHE_MAX = 4096  # entries per cache; all cleared at once past this (a bounded, cheap policy)
+_SHORT = 128  # strings longer than this are encoded each time rather than cached
+_keys: dict[str, bytes] = {}
+_str_pairs: dict[tuple[str, str], bytes] = {}
+_int_pairs: dict[tuple[str, int], bytes] = {}
+_bool_pairs: dict[tuple[str, bool], bytes] = {}
+
+
+def _key_field(key: str) -> bytes:
+    kf = _keys.get(key)
+    if kf is None:
+        if key.__class__ is not str:
+            raise Unsupported
+        kf = _field(b"\x0a", key.encode()) if key else b""
+        if len(_keys) >= _CACHE_MAX:
+            _keys.clear()
+        _keys[key] = kf
+    return kf
+
+
+def _any(value: Any) -> bytes:
+    """The AnyValue message body for one value."""
+    t = value.__class__
+    if t is str:
+        return _field(b"\x0a", value.encode())
+    if t is bool:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if t is int:
+        if not _I64_MIN <= value <= _I64_MAX:
+            raise Unsupported
+        return b"\x18" + _varint(value & _U64)
+    if t is float:
+        return b"\x21" + _double(value)
+    if t is tuple or t is list:
+        return _field(b"\x2a", b"".join([_field(b"\x0a", _element(v)) for v in value]))
+    if t is bytes and _features.bytes_values:
+        return _field(b"\x3a", value)
+    raise Unsupported
+
+
+def _element(value: Any) -> bytes:
+    if value is None:
+        if _features.none_in_sequences:
+            return b""
+        raise Unsupported
+    return _any(value)
+
+
+def _pair(key: str, value: Any) -> bytes:
+    """A KeyValue message with its length prefix (the caller writes the field tag)."""
+    return _field(b"", _key_field(key) + _field(b"\x12", _any(value)))
+
+
+def _cached_pair(cache: dict[Any, bytes], key: str, value: Any) -> bytes:
+    kv = _pair(key, value)
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key, value] = kv
+    return kv
+
+
+def _attributes(attributes: Mapping[str, Any] | None, tag: bytes, out: list[bytes]) -> None:
+    if not attributes:
+        return
+    for key, value in attributes.items():
+        t = value.__class__
+        if t is str:
+            kv = _str_pairs.get((key, value))
+            if kv is None:
+                kv = _cached_pair(_str_pairs, key, value) if len(value) <= _SHORT else _pair(key, value)
+        elif t is int:
+            # Keyed by type too: 1 == 1.0 == True, but their encodings differ.
+            kv = _int_pairs.get((key, value))
+            if kv is None:
+                kv = _cached_pair(_int_pairs, key, value)
+        elif t is bool:
+            kv = _bool_pairs.get((key, value))
+            if kv is None:
+                kv = _cached_pair(_bool_pairs, key, value)
+        else:
+            kv = _pair(key, value)
+        out.append(tag)
+        out.append(kv)
+
+
+def _count_field(tag: bytes, n: int, out: list[bytes]) -> None:
+    if n:
+        if not 0 < n <= _U32:
+            raise Unsupported
+        out.append(tag)
+        out.append(_varint(n))
+
+
+# -- spans ---------------------------------------------------------------------------------------------------
+_STATUS = {0: b"\x7a\x00", 1: b"\x7a\x02\x18\x01", 2: b"\x7a\x02\x18\x02"}
+
+
+def span_field(span: ReadableSpan) -> bytes:
+    """One span as a ``ScopeSpans.spans`` field (tag, length, ``Span`` message)."""
+    ctx = span.context
+    parent = span.parent
+    out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big")]
+    if ctx.trace_state:
+        out.append(_trace_state(b"\x1a", ctx.trace_state))
+    if parent:
+        out.append(b"\x22\x08")
+        out.append(parent.span_id.to_bytes(8, "big"))
+    name = span.name
+    if name:
+        out.append(_string(b"\x2a", name))
+    out.append(_KIND[span.kind])
+    start, end = span.start_time, span.end_time
+    if start and end and start.__class__ is int and end.__class__ is int:
+        out.append(_times(0x39, start, 0x41, end))
+    else:
+        if start:
+            out.append(b"\x39" + _fixed64(start))
+        if end:
+            out.append(b"\x41" + _fixed64(end))
+    _attributes(span.attributes, b"\x4a", out)
+    _count_field(b"\x50", span.dropped_attributes, out)
+    events = span.events
+    if events:
+        _events(events, out)
+    _count_field(b"\x60", span.dropped_events, out)
+    links = span.links
+    if links:
+        _links(links, out)
+    _count_field(b"\x70", span.dropped_links, out)
+    status = span.status
+    if status is not None:
+        code, description = status.status_code.value, status.description
+        out.append(_status(code, description) if description else _STATUS[code])
+    out.append(_features.flags_remote if parent and parent.is_remote else _features.flags_local)
+    return _field(b"\x12", b"".join(out))
+
+
+def _string(tag: bytes, text: str) -> bytes:
+    if text.__class__ is not str:
+        raise Unsupported
+    return _field(tag, text.encode())
+
+
+def _trace_state(tag: bytes, trace_state: Any) -> bytes:
+    # As the official encoder writes it: "key=value" pairs joined by commas.
+    return _field(tag, ",".join([f"{k}={v}" for k, v in trace_state.items()]).encode())
+
+
+def _status(code: int, description: str) -> bytes:
+    body = _string(b"\x12", description)
+    if code:
+        body += b"\x18" + _varint(code)
+    return _field(b"\x7a", body)
+
+
+def _events(events: Iterable[Any], out: list[bytes]) -> None:
+    for event in events:
+        ev: list[bytes] = []
+        if event.timestamp:
+            ev.append(b"\x09" + _fixed64(event.timestamp))
+        if event.name:
+            ev.append(_string(b"\x12", event.name))
+        _attributes(event.attributes, b"\x1a", ev)
+        _count_field(b"\x20", event.dropped_attributes, ev)
+        out.append(_field(b"\x5a", b"".join(ev)))
+
+
+def _links(links: Iterable[Any], out: list[bytes]) -> None:
+    f = _features
+    for link in links:
+        lc = link.context
+        lk = [b"\x0a\x10", lc.trace_id.to_bytes(16, "big"), b"\x12\x08", lc.span_id.to_bytes(8, "big")]
+        if f.link_trace_state and lc.trace_state:
+            lk.append(_trace_state(b"\x1a", lc.trace_state))
+        _attributes(link.attributes, b"\x22", lk)
+        _count_field(b"\x28", link.dropped_attributes, lk)
+        lk.append(f.link_flags_remote if lc.is_remote else f.link_flags_local)
+        out.append(_field(b"\x6a", b"".join(lk)))
+
+
+def official_span_field(span: ReadableSpan) -> bytes:
+    """The same field, written by the official encoder (raises what it raises)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    message = encode_spans([span]).resource_spans[0].scope_spans[0].spans[0]
+    return _field(b"\x12", message.SerializeToString())
+
+
+# -- resource and scope headers (from the official encoder, cached per object) -------------------------------
+_HEADERS_MAX = 256
+_resource_cache: dict[int, tuple[Resource, bytes, bytes]] = {}
+_scope_cache: dict[int, tuple[InstrumentationScope | None, bytes, bytes]] = {}
+
+
+def _probe_request(resource: Resource, scope: InstrumentationScope | None) -> Any:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext
+
+    probe = ReadableSpan("probe", SpanContext(1, 1, False), resource=resource, instrumentation_scope=scope)
+    return encode_spans([probe])
+
+
+def resource_parts(resource: Resource) -> tuple[bytes, bytes]:
+    """What a ``ResourceSpans`` message holds before its scope_spans, and after them."""
+    hit = _resource_cache.get(id(resource))
+    if hit is not None and hit[0] is resource:
+        return hit[1], hit[2]
+    rs = _probe_request(resource, None).resource_spans[0]
+    head = _field(b"\x0a", rs.resource.SerializeToString())
+    tail = _field(b"\x1a", rs.schema_url.encode()) if rs.schema_url else b""
+    if len(_resource_cache) >= _HEADERS_MAX:
+        _resource_cache.clear()
+    _resource_cache[id(resource)] = (resource, head, tail)  # holds the object: its id stays its own
+    return head, tail
+
+
+def scope_parts(scope: InstrumentationScope | None) -> tuple[bytes, bytes]:
+    """What a ``ScopeSpans`` message holds before its spans, and after them."""
+    hit = _scope_cache.get(id(scope))
+    if hit is not None and hit[0] is scope:
+        return hit[1], hit[2]
+    from opentelemetry.sdk.resources import Resource
+
+    ss = _probe_request(Resource.get_empty(), scope).resource_spans[0].scope_spans[0]
+    head = _field(b"\x0a", ss.scope.SerializeToString())
+    tail = _field(b"\x1a", ss.schema_url.encode()) if ss.schema_url else b""
+    if len(_scope_cache) >= _HEADERS_MAX:
+        _scope_cache.clear()
+    _scope_cache[id(scope)] = (scope, head, tail)
+    return head, tail
+
+
+# -- calibration against the installed official encoder ------------------------------------------------------
+def _probe_spans(attributes: Mapping[str, Any]) -> Iterable[ReadableSpan]:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceState
+
+    ts = TraceState([("k", "v"), ("x", "y")])
+    local = SpanContext(0x1234, 0x56, False, trace_state=ts)
+    remote = SpanContext(0x99, 0x77, True)
+    for kind in SpanKind:
+        for parent in (None, local, remote):
+            yield ReadableSpan(
+                "probe \u00e9",
+                SpanContext(0xABC, 0xDEF, False, trace_state=ts),
+                parent=parent,
+                resource=Resource.get_empty(),
+                attributes=attributes,
+                events=[Event("e", {"a": 1}, timestamp=5), Event("", None, timestamp=0)],
+                links=[Link(local, {"l": "v"}), Link(remote)],
+                kind=kind,
+                status=Status(StatusCode.ERROR, "bad") if parent else Status(StatusCode.OK),
+                start_time=1,
+                end_time=(1 << 64) - 1,
+            )
+
+
+def _matches(attributes: Mapping[str, Any]) -> bool:
+    try:
+        return all(span_field(s) == official_span_field(s) for s in _probe_spans(attributes))
+    except Exception:  # noqa: BLE001 - any failure means "do not use this feature"
+        return False
+
+
+def _flags_field(tag: bytes, value: int) -> bytes:
+    return tag + struct.pack("<I", value) if value else b""
+
+
+def calibrate() -> bool:
+    """Measure the installed official encoder once; True if this encoder may be used."""
+    global _calibrated  # noqa: PLW0603
+    if _calibrated:
+        return _features.usable
+    with _calibrate_lock:
+        if not _calibrated:
+            _calibrate_now()
+            _calibrated = True
+    return _features.usable
+
+
+def _calibrate_now() -> None:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import Link, SpanContext
+
+    f = _features
+    try:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        remote = SpanContext(3, 4, True)
+        local = SpanContext(3, 4, False)
+        empty = Resource.get_empty()
+        spans = [
+            ReadableSpan("a", SpanContext(1, 2, False), parent=p, resource=empty, links=[Link(p)])
+            for p in (local, remote)
+        ]
+        got = encode_spans(spans).resource_spans[0].scope_spans[0].spans
+        # Span.flags is field 16, Link.flags field 6, both fixed32.
+        f.flags_local = _flags_field(b"\x85\x01", got[0].flags)
+        f.flags_remote = _flags_field(b"\x85\x01", got[1].flags)
+        f.link_flags_local = _flags_field(b"\x35", got[0].links[0].flags)
+        f.link_flags_remote = _flags_field(b"\x35", got[1].links[0].flags)
+        # An unparented span: the official encoder decides its flags as for a local parent.
+        bare = ReadableSpan("a", SpanContext(1, 2, False), resource=Resource.get_empty())
+        bare_flags = encode_spans([bare]).resource_spans[0].scope_spans[0].spans[0].flags
+        if _flags_field(b"\x85\x01", bare_flags) != f.flags_local:
+            return
+        common = {
+            "s": "text \u00e9\u4e2d",
+            "e": "",
+            "": "empty key",
+            "b": True,
+            "f": False,
+            "i": -1,
+            "big": _I64_MAX,
+            "small": _I64_MIN,
+            "z": 0,
+            "d": 1.5,
+            "nan": float("nan"),
+            "inf": float("-inf"),
+            "seq": ("a", "b"),
+            "ints": [1, -2],
+            "empty": (),
+        }
+        f.link_trace_state = False
+        if not _matches(common):
+            f.link_trace_state = True
+            if not _matches(common):
+                return
+        f.usable = True
+        f.bytes_values = True
+        f.bytes_values = _matches({"x": b"\x00\xff", "xs": (b"a", b"")})
+        f.none_in_sequences = True
+        f.none_in_sequences = _matches({"n": ("a", None), "m": (None,)})
+    except Exception:  # noqa: BLE001 - a failed calibration leaves everything to the official encoder
+        f.usable = False
