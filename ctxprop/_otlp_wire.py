@@ -381,10 +381,16 @@ def calibrate() -> bool:
     global _calibrated  # noqa: PLW0603
     if _calibrated:
         return _features.usable
-    with _calibrate_lock:
+    # Never wait for the lock: a signal handler's close() may interrupt the very frame calibrating on its
+    # thread. Whoever cannot take it uses the official encoder this time.
+    if not _calibrate_lock.acquire(blocking=False):
+        return False
+    try:
         if not _calibrated:
             _calibrate_now()
             _calibrated = True
+    finally:
+        _calibrate_lock.release()
     return _features.usable
 
 

@@ -360,8 +360,10 @@ def test_sigterm_while_main_thread_flushes_keeps_the_batch_it_was_encoding(
 
     body = """
 make_spans("main")
+ENCODE = ("encode", "ctxprop._encoding")
 def at_encode(frame, event, arg):
-    if event == "call" and frame.f_code.co_name == "encode_spans":  # the batch is popped, not yet sent
+    # ctxprop._encoding.encode(): the batch is popped, not yet sent
+    if event == "call" and (frame.f_code.co_name, frame.f_globals["__name__"]) == ENCODE:
         sys.setprofile(None)
         os.kill(os.getpid(), signal.SIGTERM)
 sys.setprofile(at_encode)
@@ -382,8 +384,9 @@ def test_ctrl_c_during_flush_keeps_the_batch_it_was_encoding(receiver: OTLPRecei
     queue, so the exit still delivers all of them; the status stays Python's own."""
     body = """
 make_spans("main")
+ENCODE = ("encode", "ctxprop._encoding")
 def at_encode(frame, event, arg):
-    if event == "call" and frame.f_code.co_name == "encode_spans":
+    if event == "call" and (frame.f_code.co_name, frame.f_globals["__name__"]) == ENCODE:
         sys.setprofile(None)
         os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt, raised in the middle of the flush
 sys.setprofile(at_encode)
