@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from ctxprop._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, spool_cap
+
 __all__ = ["DEFAULT_ENDPOINT", "PipelineConfig", "build_config", "resolve_endpoint"]
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
@@ -43,6 +45,9 @@ class PipelineConfig:
     spool_dir: str | None
     durable: bool
     handle_signals: bool
+    #: The spool's caps (``CTXPROP_SPOOL_MAX_BYTES``, ``CTXPROP_SPOOL_MAX_AGE``); ``inf`` is no cap.
+    spool_max_bytes: float = 64 * 2**20
+    spool_max_age: float = 7 * 86400.0
     resource_attributes: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -255,5 +260,7 @@ def build_config(
         spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
         durable=bool(durable),
         handle_signals=bool(handle_signals),
+        spool_max_bytes=spool_cap("CTXPROP_SPOOL_MAX_BYTES", DEFAULT_MAX_BYTES, env, lenient=False),
+        spool_max_age=spool_cap("CTXPROP_SPOOL_MAX_AGE", DEFAULT_MAX_AGE, env, lenient=False),
         resource_attributes=dict(resource_attributes or {}),
     )

@@ -190,7 +190,7 @@ def _open_spool(cfg: PipelineConfig) -> Any:
         return None
     try:
         directory = cfg.spool_dir if cfg.spool_dir is not None else _spool.default_spool_dir(cfg.service_name)
-        return _spool.Spool.open(directory)
+        return _spool.Spool.open(directory, max_bytes=cfg.spool_max_bytes, max_age=cfg.spool_max_age)
     except Exception:  # noqa: BLE001 - without a spool, failed batches stay in memory within the bound
         _stats.incr("spool_errors")
         return None

@@ -639,6 +639,10 @@ class CtxpropSpanProcessor(SpanProcessor):
             worker.join(max(0.0, min(0.2, deadline - time.monotonic())))
         if worker is None or not worker.is_alive():
             self._close_transport()
+            if self._spool is not None:
+                # Nothing writes to the spool any more: what only its memory holds dies with the process,
+                # and close() counts it as dropped (the books balance).
+                self._spool_call("close")
         return ok
 
     def _close_transport(self) -> None:

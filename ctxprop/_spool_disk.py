@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import secrets
@@ -652,7 +653,8 @@ class DiskSpool(Spool):
         """Drop from ``entries`` (a listing, oldest first, perhaps already stale) what exceeds the caps."""
         assert self._fd is not None  # noqa: S101 - only called with a descriptor
         total = sum(e[3] for e in entries)
-        expiry = time.time_ns() - int(self.max_age * 1e9)
+        # No cap (inf) must not become an overflow, nor an expiry in the future.
+        expiry = time.time_ns() - int(self.max_age * 1e9) if math.isfinite(self.max_age) else -1
         dropped_spans = dropped_segments = 0
         for name, created, spans, nbytes, live_lease in entries:
             if live_lease or not SEGMENT_RE.match(name):
