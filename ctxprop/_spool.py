@@ -131,12 +131,13 @@ class Spool(abc.ABC):
         max_bytes: float | None = None,
         max_age: float | None = None,
         fsync: bool | None = None,
+        read_only: bool = False,
     ) -> Spool:
         """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
 
         See :func:`open_spool`.
         """
-        return open_spool(directory, max_bytes=max_bytes, max_age=max_age, fsync=fsync)
+        return open_spool(directory, max_bytes=max_bytes, max_age=max_age, fsync=fsync, read_only=read_only)
 
     @property
     def memory_only(self) -> bool:
@@ -214,6 +215,7 @@ def open_spool(
     max_bytes: float | None = None,
     max_age: float | None = None,
     fsync: bool | None = None,
+    read_only: bool = False,
 ) -> Spool:
     """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
 
@@ -226,6 +228,9 @@ def open_spool(
     disk before its export starts, so it survives a power cut or kernel crash too. A write alone already
     survives ``kill -9`` and ``os._exit`` (the kernel holds it), so it can be turned off where the disk is
     slow and only process deaths matter.
+
+    ``read_only`` (``spool status``) opens an existing directory as it is: nothing is created, repaired,
+    recovered, dropped or deleted, and ``replay``/``purge`` do nothing; ``status()`` reports what is there.
     """
     if max_bytes is None:
         max_bytes = spool_cap("CTXPROP_SPOOL_MAX_BYTES", DEFAULT_MAX_BYTES, os.environ, lenient=True)
@@ -234,7 +239,9 @@ def open_spool(
     if fsync is None:
         setting = os.environ.get("CTXPROP_SPOOL_FSYNC", "1").strip().lower()
         fsync = setting not in ("0", "false", "no", "off")
-    return _spool_disk.open_disk_spool(Path(directory), max_bytes=max_bytes, max_age=max_age, fsync=fsync)
+    return _spool_disk.open_disk_spool(
+        Path(directory), max_bytes=max_bytes, max_age=max_age, fsync=fsync, read_only=read_only
+    )
 
 
 def spool_cap(name: str, default: float, environ: Mapping[str, str], *, lenient: bool) -> float:

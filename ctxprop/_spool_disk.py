@@ -104,13 +104,17 @@ def _check_parent(path: Path) -> None:
         raise _Refused(f"{path.parent} is writable by every user and not sticky")
 
 
-def _open_private_dir(path: Path) -> int:
+def _open_private_dir(path: Path, *, read_only: bool = False) -> int:
+    """A descriptor of the spool directory ``path``, created 0700 (with its missing parents) unless
+    ``read_only``; a wider mode of this user's directory is repaired, unless ``read_only``."""
     if fcntl is None:
         raise _Refused("file locks (fcntl) are not available on this platform")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not read_only:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_parent(path)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
+    if not read_only:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
     try:
         fd = os.open(path, _DIR_FLAGS)
     except OSError as exc:
@@ -123,7 +127,7 @@ def _open_private_dir(path: Path) -> int:
             raise _Refused(f"{path} is not a directory")
         if st.st_uid != os.geteuid():
             raise _Refused(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
-        if stat.S_IMODE(st.st_mode) != 0o700:
+        if stat.S_IMODE(st.st_mode) != 0o700 and not read_only:
             os.fchmod(fd, 0o700)
     except BaseException:
         os.close(fd)
@@ -144,16 +148,19 @@ def warn_memory_only(reason: str) -> None:
         )
 
 
-def open_disk_spool(path: Path, *, max_bytes: float, max_age: float, fsync: bool) -> Spool:
+def open_disk_spool(
+    path: Path, *, max_bytes: float, max_age: float, fsync: bool, read_only: bool = False
+) -> Spool:
     """A :class:`DiskSpool` on ``path``, or a :class:`MemorySpool` (one warning) where it is unusable."""
     try:
-        fd = _open_private_dir(path)
+        fd = _open_private_dir(path, read_only=read_only)
     except Exception as exc:  # noqa: BLE001 - any failure here means memory-only, never an app error
         reason = str(exc) if isinstance(exc, _Refused) else f"cannot open {path}: {exc}"
         warn_memory_only(reason)
         return MemorySpool(path, max_bytes=max_bytes, max_age=max_age, problem=reason)
-    spool = DiskSpool(path, fd, max_bytes=max_bytes, max_age=max_age, fsync=fsync)
-    spool._housekeeping()
+    spool = DiskSpool(path, fd, max_bytes=max_bytes, max_age=max_age, fsync=fsync, read_only=read_only)
+    if not read_only:
+        spool._housekeeping()
     return spool
 
 
@@ -161,15 +168,24 @@ class DiskSpool(Spool):
     """The spool in a private directory; see the module docstring for its layout."""
 
     def __init__(
-        self, directory: Path, dir_fd: int, *, max_bytes: float, max_age: float, fsync: bool
+        self,
+        directory: Path,
+        dir_fd: int,
+        *,
+        max_bytes: float,
+        max_age: float,
+        fsync: bool,
+        read_only: bool = False,
     ) -> None:
         self.directory = directory
+        #: Looks only (``spool status``): never creates, moves or deletes a file.
+        self.read_only = read_only
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.fsync = fsync
         self.problem = None
         self._fd: int | None = dir_fd
-        self._writable = True
+        self._writable = not read_only
         # Re-entrant: ctxprop's SIGTERM handler spools from the main thread, which may be inside one of
         # these short sections when the signal arrives.
         self._lock = threading.RLock()
@@ -188,7 +204,7 @@ class DiskSpool(Spool):
 
     @property
     def memory_only(self) -> bool:
-        return not self._writable
+        return not self._writable and not self.read_only
 
     def _after_fork_in_child(self) -> None:
         # A lock held by one of the parent's threads at fork() would never be released here.
@@ -297,6 +313,8 @@ class DiskSpool(Spool):
         Each segment is leased before it is read, so concurrent replays (threads or processes) never send
         one twice, and it is removed only after every record in it was acknowledged.
         """
+        if self.read_only:
+            return 0
         delivered = 0
         try:
             delivered, ok = self._overflow.replay_some(send, deadline, timeout, progress)
@@ -374,13 +392,13 @@ class DiskSpool(Spool):
             dropped=dropped,
             corrupt=corrupt,
             leased=leased,
-            memory_only=not self._writable,
+            memory_only=self.memory_only,
             rejected=rejected,
         )
 
     def purge(self) -> int:
         removed = self._overflow.purge()
-        if self._fd is None:
+        if self._fd is None or self.read_only:
             return removed
         with contextlib.suppress(OSError):
             self._recover_leases()
@@ -504,7 +522,7 @@ class DiskSpool(Spool):
         try:
             fd = os.open(name, os.O_RDONLY | _NONBLOCK | _NOFOLLOW, dir_fd=self._fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            if exc.errno == errno.ELOOP and not self.read_only:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=self._fd)
             return None

@@ -7,9 +7,11 @@ import json
 import os
 import pty
 import socket
+import stat
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -298,3 +300,27 @@ def test_without_a_service_name_status_and_replay_cover_every_services_spool(
     assert replay.returncode == 0, replay.stderr
     assert receiver.wait_for_spans(11, 10)
     assert len(receiver.spans) == 11
+
+
+def test_status_is_read_only_whatever_the_spool_holds(tmp_path: Path) -> None:
+    """status never deletes, renames or repairs anything: not with a huge (sparse) newest segment over
+    the size cap, a dead process's lease, an old temp file, a planted symlink or a widened mode."""
+    d = tmp_path / "spool"
+    fill(d, 5, 100)
+    huge = d / f"seg-{time.time_ns() + 10**12:020d}-1-deadbeef-1.ctxs"
+    with open(huge, "wb") as f:
+        f.truncate(2**30)  # 1 GiB, sparse: far over the 64 MiB cap
+    real = sorted(p.name for p in d.iterdir() if p.name.startswith("seg-"))
+    lease = d / f"{real[0]}.lease-999999"
+    os.rename(d / real[0], lease)  # nobody holds its lock: housekeeping would put it back
+    tmp_file = d / ".tmp-999999-0badf00d"
+    tmp_file.write_bytes(b"x")
+    os.utime(tmp_file, (0, 0))  # long past the grace period: housekeeping would remove it
+    (d / f"seg-{1:020d}-1-feedf00d-3.ctxs").symlink_to("/etc/passwd")
+    d.chmod(0o755)
+    before = {p.name: (p.lstat().st_size, p.lstat().st_mode) for p in d.iterdir()}
+    out = spool_cmd("--dir", str(d), "status", "--json")
+    assert out.returncode == 0, out.stderr
+    assert {p.name: (p.lstat().st_size, p.lstat().st_mode) for p in d.iterdir()} == before
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    assert json.loads(out.stdout)["spans"] >= 401

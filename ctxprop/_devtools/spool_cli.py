@@ -167,7 +167,8 @@ def _run_one(directory: Path, args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         # The library's warning speaks of spans kept in memory; here the reason alone is the message.
         warnings.filterwarnings("ignore", "ctxprop: the offline spool is unusable", RuntimeWarning)
-        spool = Spool.open(directory)
+        # status only looks: opening it must not run the housekeeping that drops and recovers.
+        spool = Spool.open(directory, read_only=args.spool_command == "status")
     with spool:
         if spool.problem is not None:
             _say(f"cannot use the spool at {directory}: {spool.problem}", sys.stderr)
