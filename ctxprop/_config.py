@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ctxprop._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, spool_cap
 
-__all__ = ["DEFAULT_ENDPOINT", "PipelineConfig", "build_config", "resolve_endpoint"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "PipelineConfig",
+    "build_config",
+    "parse_headers",
+    "redact_url",
+    "resolve_endpoint",
+]
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 DEFAULT_MAX_QUEUE_SIZE = 8192
@@ -59,19 +67,52 @@ def _env(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
     return None
 
 
+# The longest host name DNS can carry (RFC 1035); a longer one is a mistake, never a collector.
+_MAX_HOST = 253
+# RFC 9110 token characters: what an HTTP header name may hold.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print: its ``user:password@`` replaced by ``***@``, at most 200 characters.
+
+    >>> redact_url("https://user:s3cr3t@collector:4318/v1/traces")
+    'https://***@collector:4318/v1/traces'
+    """
+    shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1***@", url)
+    # Control characters shown escaped, so a message never carries a line break.
+    shown = shown.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
 def _check_url(url: str, source: str) -> str:
+    shown = redact_url(url)
+    bad = next((c for c in url if c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise ValueError(
+            f"{source}: the URL {shown!r} contains {bad!r} (whitespace or a control character); "
+            f"expected e.g. {DEFAULT_ENDPOINT}"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError on a non-numeric or out-of-range port
     except ValueError as e:
-        raise ValueError(f"{source}: malformed URL {url!r} ({e}); expected e.g. {DEFAULT_ENDPOINT}") from None
+        detail = "bad port" if "port" in str(e).lower() else "cannot be parsed"
+        raise ValueError(
+            f"{source}: malformed URL {shown!r} ({detail}); expected e.g. {DEFAULT_ENDPOINT}"
+        ) from None
     if parts.scheme not in ("http", "https"):
         raise ValueError(
-            f"{source}: unknown scheme {parts.scheme!r} in {url!r}; ctxprop exports OTLP over http or https"
+            f"{source}: unknown scheme {parts.scheme!r} in {shown!r}; ctxprop exports OTLP over http or https"
             f" (e.g. {DEFAULT_ENDPOINT})"
         )
     if not parts.hostname:
-        raise ValueError(f"{source}: malformed URL {url!r}: no host; expected e.g. {DEFAULT_ENDPOINT}")
+        raise ValueError(f"{source}: malformed URL {shown!r}: no host; expected e.g. {DEFAULT_ENDPOINT}")
+    if len(parts.hostname) > _MAX_HOST:
+        raise ValueError(
+            f"{source}: malformed URL {shown!r}: its host has {len(parts.hostname)} characters, more than "
+            f"a host name can have ({_MAX_HOST}); expected e.g. {DEFAULT_ENDPOINT}"
+        )
     del port
     return url
 
@@ -120,12 +161,18 @@ def _positive_int(value: int | None, environ: Mapping[str, str], var: str, defau
 
 
 def _seconds(value: Any, what: str, *, allow_zero: bool = True) -> float:
+    """``value`` as seconds; ``what`` names the setting as written (``init(x=-1)``, ``VAR='-1'``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what}={value!r}: must be a number of seconds")
+        raise ValueError(f"{what}: must be a number of seconds")
     v = float(value)
     if math.isnan(v) or v < 0 or (v == 0 and not allow_zero) or math.isinf(v):
-        raise ValueError(f"{what}={value!r}: must be a finite, non-negative number of seconds")
+        kind = "positive" if not allow_zero else "non-negative"
+        raise ValueError(f"{what}: must be a finite, {kind} number of seconds")
     return v
+
+
+def _arg_seconds(value: Any, arg: str, *, allow_zero: bool = True) -> float:
+    return _seconds(value, f"init({arg}={value!r})", allow_zero=allow_zero)
 
 
 def _env_seconds(environ: Mapping[str, str], var: str, scale: float) -> float | None:
@@ -136,23 +183,59 @@ def _env_seconds(environ: Mapping[str, str], var: str, scale: float) -> float | 
         v = float(found[1])
     except ValueError:
         raise ValueError(f"{var}={found[1]!r}: must be a number") from None
-    return _seconds(v * scale, var)
+    return _seconds(v * scale, f"{var}={found[1]!r}")
+
+
+def parse_headers(raw: str, source: str) -> dict[str, str]:
+    """``OTEL_EXPORTER_OTLP_HEADERS``-style ``name=value,name2=value2`` (values may be %-encoded).
+
+    A malformed entry raises ValueError that says where it is, never what it holds: a header value is
+    usually a secret, and an entry without ``=`` may be nothing but one. Nothing is logged.
+
+    >>> parse_headers("Api-Key=abc%3D,x-team = obs", "VAR")
+    {'api-key': 'abc=', 'x-team': 'obs'}
+    >>> parse_headers("Authorization Bearer s3cr3t", "VAR")
+    Traceback (most recent call last):
+    ...
+    ValueError: VAR: entry 1 of 1 is not name=value (values are not shown; they may be secrets)
+    """
+    entries = [e.strip() for e in raw.split(",")]
+    entries = [e for e in entries if e]
+    out: dict[str, str] = {}
+    for i, entry in enumerate(entries, 1):
+        where = f"{source}: entry {i} of {len(entries)}"
+        name, sep, value = entry.partition("=")
+        name = unquote(name).strip().lower()
+        if not sep or not name:
+            raise ValueError(f"{where} is not name=value (values are not shown; they may be secrets)")
+        if not _TOKEN.match(name):
+            raise ValueError(f"{where}: its name is not a valid HTTP header name (not shown)")
+        out[name] = _check_header_value(unquote(value).strip(), f"{where} ({name})")
+    if not out:
+        raise ValueError(f"{source}: expected comma-separated name=value pairs, found none")
+    return out
+
+
+def _check_header_value(value: str, where: str) -> str:
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"{where}: the value contains a line break or NUL (not shown)")
+    return value
 
 
 def _headers(headers: Mapping[str, str] | None, environ: Mapping[str, str]) -> dict[str, str]:
-    from opentelemetry.util.re import parse_env_headers
-
     out: dict[str, str] = {}
     found = _env(environ, "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
     if found:
-        parsed = parse_env_headers(found[1], liberal=True)
-        if not parsed:
-            raise ValueError(f"{found[0]}={found[1]!r}: expected comma-separated key=value pairs")
-        out.update(parsed)
+        out.update(parse_headers(found[1], found[0]))
     for k, v in (headers or {}).items():
         if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise ValueError(f"init(headers=...): header names and values must be strings, got {k!r}: {v!r}")
-        out[k.lower()] = v
+            raise ValueError(
+                "init(headers=...): header names and values must be non-empty strings, got a "
+                f"{type(k).__name__} name and a {type(v).__name__} value (values are not shown)"
+            )
+        if not _TOKEN.match(k):
+            raise ValueError("init(headers=...): a header name is not a valid HTTP header name (not shown)")
+        out[k.lower()] = _check_header_value(v, f"init(headers=...) ({k.lower()})")
     return out
 
 
@@ -197,7 +280,7 @@ def build_config(
     .. versionadded:: 0.1.0
     """
     env = os.environ if environ is None else environ
-    close_t = _seconds(close_timeout, "init(close_timeout")
+    close_t = _arg_seconds(close_timeout, "close_timeout")
     resolved_endpoint = resolve_endpoint(endpoint, env)
     queue = _positive_int(
         max_queue_size, env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE, "max_queue_size"
@@ -215,12 +298,12 @@ def build_config(
             "(OTEL_BSP_MAX_EXPORT_BATCH_SIZE) or raise the second (OTEL_BSP_MAX_QUEUE_SIZE)"
         )
     if schedule_delay is not None:
-        delay = _seconds(schedule_delay, "init(schedule_delay", allow_zero=False)
+        delay = _arg_seconds(schedule_delay, "schedule_delay", allow_zero=False)
     else:
         env_delay = _env_seconds(env, "OTEL_BSP_SCHEDULE_DELAY", 1e-3)
         delay = DEFAULT_SCHEDULE_DELAY if env_delay is None else max(env_delay, 0.001)
     if export_timeout is not None:
-        exp_t = _seconds(export_timeout, "init(export_timeout", allow_zero=False)
+        exp_t = _arg_seconds(export_timeout, "export_timeout", allow_zero=False)
     else:
         # The official Python exporter reads OTEL_EXPORTER_OTLP_TIMEOUT in seconds; follow it.
         exp_t = next(

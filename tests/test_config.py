@@ -135,3 +135,92 @@ def test_service_name_resource(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_SERVICE_NAME")
     p = ctxprop.init(exporter=InMemorySpanExporter(), handle_signals=False)
     assert str(p.resource.attributes["service.name"]).startswith("unknown_service")
+
+
+def test_config_doctests_pass() -> None:
+    """The examples in _config's docstrings run and hold (the close_timeout message keeps its parenthesis)."""
+    import doctest
+
+    from ctxprop import _config
+
+    result = doctest.testmod(_config)
+    assert result.failed == 0
+    assert result.attempted >= 5
+    with pytest.raises(ValueError, match=r"^init\(close_timeout=-1\): must be"):
+        build_config(close_timeout=-1, environ={})
+    with pytest.raises(ValueError, match=r"^OTEL_BSP_SCHEDULE_DELAY='-5': must be"):
+        build_config(environ={"OTEL_BSP_SCHEDULE_DELAY": "-5"})
+
+
+SECRET = "s3cr3t-T0KEN"  # noqa: S105 - a fake token that must never be shown
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f"Authorization Bearer {SECRET}",
+        f"x-team=obs,Authorization: Bearer {SECRET}",
+        f"x-team=obs,Authorization=Bearer {SECRET}%0D%0AX-Injected: 1",
+        f"{SECRET}",
+    ],
+)
+def test_malformed_headers_never_show_a_value(raw: str) -> None:
+    """A malformed OTEL_EXPORTER_OTLP_HEADERS raises ValueError at init() saying where, never what: the
+    token is in neither the message nor stderr (OpenTelemetry's own header parser logs it there)."""
+    from support import run_child
+
+    result = run_child(
+        """
+import json, logging, ctxprop
+logging.basicConfig(level=logging.DEBUG)
+try:
+    ctxprop.init()
+except ValueError as e:
+    print(json.dumps({"error": str(e)}))
+""",
+        env={"OTEL_EXPORTER_OTLP_HEADERS": raw},
+    )
+    assert result.returncode == 0, result.stderr
+    message = result.last("error")
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in message
+    assert SECRET not in message
+    assert SECRET not in result.stderr
+
+
+def test_header_argument_errors_never_show_a_value() -> None:
+    """init(headers=...) with a line break in a value, or a non-string value, names the problem only."""
+    with pytest.raises(ValueError, match="line break") as err:
+        build_config(headers={"Authorization": f"Bearer {SECRET}\r\nX-Injected: 1"}, environ={})
+    assert SECRET not in str(err.value)
+    with pytest.raises(ValueError, match="non-empty strings") as err:
+        build_config(headers={"Authorization": [SECRET]}, environ={})  # type: ignore[dict-item]
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "match"),
+    [
+        ("http://collector:4318/v1/traces\r\nX-Injected: 1", "control character"),
+        ("http://collector:4318/v1/traces\nfoo", "control character"),
+        ("http://collec tor:4318/v1/traces", "whitespace"),
+        ("http://collector:4318/v1 traces", "whitespace"),
+        ("http://" + "a" * 10_000 + ":4318/v1/traces", "more than a host name can have"),
+    ],
+)
+def test_endpoints_with_control_characters_spaces_or_a_huge_host_are_refused(
+    endpoint: str, match: str
+) -> None:
+    """init() refuses an endpoint with CR/LF, spaces or a 10 kB host, with a short one-line message."""
+    with pytest.raises(ValueError, match=match) as err:
+        build_config(endpoint=endpoint, environ={})
+    assert "\n" not in str(err.value)
+    assert len(str(err.value)) < 500
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        build_config(environ={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint.replace("\r", " ")})
+
+
+def test_endpoint_errors_do_not_show_credentials() -> None:
+    """A rejected endpoint's user:password@ is shown as ***@."""
+    with pytest.raises(ValueError, match=r"\*\*\*@collector") as err:
+        build_config(endpoint=f"ftp://user:{SECRET}@collector/v1/traces", environ={})
+    assert SECRET not in str(err.value)

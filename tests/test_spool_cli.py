@@ -324,3 +324,25 @@ def test_status_is_read_only_whatever_the_spool_holds(tmp_path: Path) -> None:
     assert {p.name: (p.lstat().st_size, p.lstat().st_mode) for p in d.iterdir()} == before
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
     assert json.loads(out.stdout)["spans"] >= 401
+
+
+def test_replay_shows_neither_header_values_nor_endpoint_credentials(
+    tmp_path: Path,
+    receiver: OTLPReceiver,  # noqa: F811
+) -> None:
+    """replay prints the endpoint with its user:password@ as ***@, and a malformed header variable's
+    error without its value; the secret is on neither stdout nor stderr."""
+    secret = "s3cr3t-T0KEN"  # noqa: S105 - a fake token that must never be shown
+    fill(tmp_path, 1, 2)
+    url = receiver.endpoint.replace("http://", f"http://user:{secret}@")
+    sent = spool_cmd("--dir", str(tmp_path), "replay", "--endpoint", url)
+    assert sent.returncode == 0, sent.stderr
+    assert "***@127.0.0.1" in sent.stdout
+    assert secret not in sent.stdout + sent.stderr
+    fill(tmp_path, 1, 2)
+    bad = spool_cmd(
+        "--dir", str(tmp_path), "replay", env={"OTEL_EXPORTER_OTLP_HEADERS": f"Authorization Bearer {secret}"}
+    )
+    assert bad.returncode == 2
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in bad.stderr
+    assert secret not in bad.stdout + bad.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ctxprop import _stats
-from ctxprop._config import build_config
+from ctxprop._config import build_config, redact_url
 from ctxprop._export import OTLPSender
 from ctxprop._spool import Spool, SpoolStatus, default_spool_dir
 
@@ -139,7 +139,7 @@ def _replay(spool: Spool, args: argparse.Namespace) -> int:
     after = spool.status()
     refused = f"; {rejected} spans refused for good by the collector (dropped)" if rejected else ""
     _say(
-        f"sent {sent} spans to {send.endpoint}{refused}; "
+        f"sent {sent} spans to {redact_url(send.endpoint)}{refused}; "
         f"{after.spans} spans in {after.segments} segments remain"
     )
     return 0 if after.segments == 0 and not rejected else 1
