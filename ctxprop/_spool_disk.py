@@ -104,13 +104,25 @@ def _check_parent(path: Path) -> None:
         raise _Refused(f"{path.parent} is writable by every user and not sticky")
 
 
+def _make_private_parents(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700 (``Path.mkdir(parents=True)`` would give the
+    parents the umask's mode: 0777 under umask 000)."""
+    missing = []
+    while not os.path.lexists(path) and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+
+
 def _open_private_dir(path: Path, *, read_only: bool = False) -> int:
     """A descriptor of the spool directory ``path``, created 0700 (with its missing parents) unless
     ``read_only``; a wider mode of this user's directory is repaired, unless ``read_only``."""
     if fcntl is None:
         raise _Refused("file locks (fcntl) are not available on this platform")
     if not read_only:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private_parents(path.parent)
     _check_parent(path)
     if not read_only:
         with contextlib.suppress(FileExistsError):

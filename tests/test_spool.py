@@ -774,3 +774,23 @@ def test_world_writable_parent_without_sticky_bit_is_refused(tmp_path: Path) -> 
     assert os.listdir(open_parent) == []
     open_parent.chmod(0o1777)
     assert not Spool.open(open_parent / "svc2").status().memory_only
+
+
+def test_missing_parents_of_the_default_spool_dir_are_private_under_umask_000(tmp_path: Path) -> None:
+    """Under umask 000, init() creates the default spool directory and each missing parent 0700."""
+    from support import run_child
+
+    state = tmp_path / "state" / "deeper"
+    result = run_child(
+        """
+import os, ctxprop
+os.umask(0)
+ctxprop.init(service_name="svc", endpoint="http://127.0.0.1:9/v1/traces")
+ctxprop.close(0.5)
+""",
+        env={"XDG_STATE_HOME": str(state), "CTXPROP_SPOOL_DIR": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    made = [tmp_path / "state", state, state / "ctxprop", state / "ctxprop" / "svc"]
+    modes = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in made}
+    assert modes == dict.fromkeys(map(str, made), "0o700")
