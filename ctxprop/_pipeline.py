@@ -113,6 +113,9 @@ def init(
         from ctxprop._export import quiet_official_loggers
 
         quiet_official_loggers()
+        from ctxprop._noise import install_attribute_filter
+
+        install_attribute_filter()
         attrs: dict[str, Any] = dict(cfg.resource_attributes)
         if service_name is not None:
             attrs[SERVICE_NAME] = service_name
