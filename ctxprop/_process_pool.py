@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 
 from ctxprop import _capture, _stats
 from ctxprop._capture import PortableState, _activate_portable, _capture_portable, _enter
+from ctxprop._fork_context import worker_context
 from ctxprop._scopes import CURRENT, ISOLATION, AttrValue
 from ctxprop._spanwire import WireSpan, from_wire, to_wire
 
@@ -396,7 +397,7 @@ def _run_in_worker(envelope: _Envelope, fn: Callable[..., Any], args: Any, kwarg
     _enter_worker_process()
     collector = _worker_collector(envelope[4])
     try:
-        value = copy_context().run(_in_context, envelope, fn, args, kwargs)
+        value = worker_context().run(_in_context, envelope, fn, args, kwargs)
         ok = True
     except BaseException as exc:  # noqa: BLE001 - re-raised in the parent by the outcome future
         ok = False
