@@ -283,36 +283,35 @@ def assert_delivered(
     answers: Sequence[dict[str, Any]],
     workers: Sequence[str],
     *,
+    others: int = 0,
     timeout: float = 10.0,
 ) -> list[ReceivedSpan]:
-    """Each answered request's span and its worker spans (one per name in ``workers``) arrived exactly once;
-    each worker span is a child of its request span and carries the request's ``request_id`` tag."""
-    expected = len(answers) * (1 + len(workers))
+    """Each answered request's trace arrived, each span exactly once: its request span (the answer's
+    ``span_id``), one child of it per name in ``workers`` (``work RID NAME``) and ``others`` more spans (a
+    framework's own); every span of the trace carries the request's ``request_id`` tag."""
+    per_request = 1 + len(workers) + others
+    expected = len(answers) * per_request
     receiver.wait_for_spans(expected, timeout)
     spans = receiver.spans
     counts = Counter((s.trace_id, s.span_id) for s in spans)
     dupes = [k for k, v in counts.items() if v > 1]
     assert not dupes, f"{len(dupes)} spans arrived more than once, e.g. {dupes[:3]}"
-    by_id = {s.span_id: s for s in spans}
-    children: dict[str, list[ReceivedSpan]] = {}
+    by_trace: dict[str, list[ReceivedSpan]] = {}
     for s in spans:
-        if s.parent_span_id is not None:
-            children.setdefault(s.parent_span_id, []).append(s)
+        by_trace.setdefault(s.trace_id, []).append(s)
     missing: list[str] = []
     for a in answers:
-        rid, span_id = a["rid"], a["span_id"]
-        req = by_id.get(span_id)
-        if req is None:
-            missing.append(f"request span of {rid}")
+        rid, trace_id = a["rid"], a["trace_id"]
+        trace = by_trace.get(trace_id, [])
+        if len(trace) != per_request:
+            missing.append(f"{rid}: {len(trace)}/{per_request} spans")
             continue
-        assert req.trace_id == a["trace_id"]
-        assert req.attributes.get("request_id") == rid, req
-        kids = sorted(children.get(span_id, []), key=lambda s: s.name)
-        assert sorted(s.name for s in kids) == sorted(f"work {rid} {w}" for w in workers), (rid, kids)
-        for k in kids:
-            assert k.trace_id == req.trace_id
-            assert k.attributes.get("request_id") == rid, k
-    assert not missing, f"{len(missing)}/{len(answers)} request spans missing, e.g. {missing[:3]}"
+        untagged = [s.name for s in trace if s.attributes.get("request_id") != rid]
+        assert not untagged, f"{rid}: spans without request_id={rid}: {untagged}"
+        assert any(s.span_id == a["span_id"] for s in trace), f"{rid}: no request span"
+        kids = sorted(s.name for s in trace if s.parent_span_id == a["span_id"])
+        assert kids == sorted(f"work {rid} {w}" for w in workers), f"{rid}: request span children {kids}"
+    assert not missing, f"{len(missing)}/{len(answers)} requests' traces incomplete, e.g. {missing[:3]}"
     assert len(spans) == expected, f"{len(spans)} spans arrived, {expected} expected"
     return spans
 

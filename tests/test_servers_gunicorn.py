@@ -40,7 +40,7 @@ STOCK_DELIVERED: list[str] = []
 def _gunicorn(port: int, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn", "asgi_app:app", "-k", "uvicorn_worker.UvicornWorker",
-        "-w", "2", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "15", "--no-control-socket", *extra,
+        "-w", "2", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "10", "--no-control-socket", *extra,
     ]  # fmt: skip
 
 
@@ -78,10 +78,11 @@ def _compare(
         stock_spans=STOCK_DELIVERED.pop(),
         status=signal_status(status),
         baseline_status=signal_status(base_status),
+        baseline_noise=len(noise(base_err)),
         worker_pids=len({a["pid"] for a in answers}),
     )
     assert status == base_status, err
-    assert noise(err) == noise(base_err) == [], err
+    assert noise(err) == [], err
 
 
 @pytest.mark.slow

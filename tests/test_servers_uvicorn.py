@@ -10,11 +10,12 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import serverkit
 import support
-from serverkit import assert_delivered, drive, free_port, measure, noise, serve, telemetry_env
+from serverkit import Load, assert_delivered, drive, free_port, measure, noise, serve, telemetry_env
 from support import OTLPReceiver
 
 receiver = support.receiver
@@ -32,13 +33,21 @@ def _uvicorn(port: int, *extra: str) -> list[str]:
 
 def _run(
     receiver: OTLPReceiver, tmp_path: Path, telemetry: str, sig: int, *extra: str, workers: int = 0
-) -> tuple[int, list[dict[str, object]], str]:
+) -> tuple[int, list[dict[str, Any]], str]:
     port = free_port()
     env = telemetry_env(receiver, telemetry, tmp_path)
     with serve(
         _uvicorn(port, *extra), port=port, env=env, tmp_path=tmp_path, ready_workers=workers
     ) as server:
-        answers = drive(server, [f"{telemetry[0]}{i}" for i in range(N_REQUESTS)])
+        if workers:
+            # Until each worker answered: the kernel may hand every connection to the same worker.
+            with Load(server, telemetry[0]) as load:
+                assert load.wait_for_pids(workers, 30), server.stderr()
+                assert load.wait_for(N_REQUESTS, 30), server.stderr()
+            answers = load.answers
+            assert load.failures == [], load.failures[:3]
+        else:
+            answers = drive(server, [f"{telemetry[0]}{i}" for i in range(N_REQUESTS)])
         server.signal(sig)
         status = server.wait(20)
         return status, answers, server.stderr()
@@ -58,20 +67,21 @@ def test_uvicorn_ending_delivers_every_span_with_baseline_status(
     receiver: OTLPReceiver, tmp_path: Path, sig: int, extra: tuple[str, ...], workers: int
 ) -> None:
     """uvicorn stopped by a signal: every span once, parented and tagged; exit status as without ctxprop."""
-    base_status, _, base_err = _run(receiver, tmp_path, "stock", sig, *extra, workers=workers)
-    stock_spans = receiver.span_count
+    base_status, base_answers, base_err = _run(receiver, tmp_path, "stock", sig, *extra, workers=workers)
+    stock_spans, base_n = receiver.span_count, len(base_answers)
     receiver.clear()
     status, answers, err = _run(receiver, tmp_path, "ctxprop", sig, *extra, workers=workers)
     spans = assert_delivered(receiver, answers, VIAS)
     measure(
         f"uvicorn {signal.Signals(sig).name} {' '.join(extra)}",
-        ctxprop_spans=f"{len(spans)}/{N_REQUESTS * 4}",
-        stock_spans=f"{stock_spans}/{N_REQUESTS * 4}",
+        ctxprop_spans=f"{len(spans)}/{len(answers) * 4}",
+        stock_spans=f"{stock_spans}/{base_n * 4}",
         status=serverkit.signal_status(status),
         baseline_status=serverkit.signal_status(base_status),
+        baseline_noise=len(noise(base_err)),
         pids=len({a["pid"] for a in answers}),
     )
     assert status == base_status, err
-    assert noise(err) == noise(base_err) == [], err
+    assert noise(err) == [], err
     if workers:
         assert len({a["pid"] for a in answers}) == workers, "both workers served requests"
