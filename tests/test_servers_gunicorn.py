@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import support
 from serverkit import (
+    APPS,
     Load,
     Server,
     assert_delivered,
@@ -44,9 +45,9 @@ def _gunicorn(port: int, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _start(receiver: OTLPReceiver, tmp_path: Path, telemetry: str, *extra: str) -> Any:
+def _start(receiver: OTLPReceiver, tmp_path: Path, telemetry: str, *extra: str, **env_extra: str) -> Any:
     port = free_port()
-    env = telemetry_env(receiver, telemetry, tmp_path)
+    env = telemetry_env(receiver, telemetry, tmp_path, **env_extra)
     return serve(_gunicorn(port, *extra), port=port, env=env, tmp_path=tmp_path, ready_workers=2)
 
 
@@ -86,20 +87,25 @@ def _compare(
 
 
 @pytest.mark.slow
-def test_gunicorn_preload_delivers_every_worker_span(receiver: OTLPReceiver, tmp_path: Path) -> None:
-    """--preload: init() in the master, two forked workers; SIGTERM to the master: every span once,
-    parented and tagged, the master's exit status as without ctxprop."""
+@pytest.mark.parametrize("where", ["master", "post_fork"])
+def test_gunicorn_preload_delivers_every_worker_span(
+    receiver: OTLPReceiver, tmp_path: Path, where: str
+) -> None:
+    """--preload, init() in the master at import or in each worker by a post_fork hook; two forked workers;
+    SIGTERM to the master: every span once, parented and tagged, the master's exit status as without
+    ctxprop."""
     sig = signal.SIGTERM
     runs: dict[str, tuple[int, str]] = {}
     answers: list[dict[str, Any]] = []
+    extra = ("-c", str(APPS / "gunicorn_conf.py")) if where == "post_fork" else ()
     for telemetry in ("stock", "ctxprop"):
         receiver.clear()
-        with _start(receiver, tmp_path, telemetry, "--preload") as server:
+        with _start(receiver, tmp_path, telemetry, "--preload", *extra, APP_INIT=where) as server:
             answers = drive(server, [f"{telemetry[0]}{i}" for i in range(40)], keep_alive=False)
             server.signal(sig)
             runs[telemetry] = (server.wait(30), server.stderr())
             _count(receiver, telemetry, answers)
-    _compare(f"gunicorn --preload {signal.Signals(sig).name}", receiver, answers, runs)
+    _compare(f"gunicorn --preload init in {where}, {signal.Signals(sig).name}", receiver, answers, runs)
     assert len({a["pid"] for a in answers}) == 2, "both workers served requests"
 
 

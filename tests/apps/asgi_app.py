@@ -1,6 +1,7 @@
 """A bare ASGI app as a user deploys it under uvicorn or gunicorn's UvicornWorker.
 
-Telemetry is set up at import (``telemetry.setup``). ``GET /work?rid=R`` opens a request span, sets the
+Telemetry is set up at import (``telemetry.setup``), or with ``APP_INIT=post_fork`` in each gunicorn
+worker by ``gunicorn_conf.py``'s ``post_fork`` hook. ``GET /work?rid=R`` opens a request span, sets the
 scope tag ``request_id`` and does one piece of work in each of: a plain ``ThreadPoolExecutor`` through
 ``loop.run_in_executor``, ``asyncio.to_thread``, and asgiref's ``sync_to_async``. Each piece makes a child
 span ``work R VIA``. ``GET /health`` answers with the worker's pid.
@@ -20,7 +21,8 @@ import telemetry
 from asgiref.sync import sync_to_async
 from opentelemetry import trace
 
-telemetry.setup("asgi-app")
+if os.environ.get("APP_INIT") != "post_fork":  # else gunicorn_conf.py's post_fork hook sets it up
+    telemetry.setup("asgi-app")
 tracer = trace.get_tracer("asgi-app")
 POOL = ThreadPoolExecutor(max_workers=4)
 VIAS = ("pool", "to_thread", "sync_to_async")
