@@ -15,7 +15,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ctxprop._capture import Snapshot, capture, wrap
-    from ctxprop._executors import ContextAwareThreadPoolExecutor, run_in_executor_with_context
+    from ctxprop._executors import (
+        ContextAwareExecutor,
+        ContextAwareThreadPoolExecutor,
+        run_in_executor_with_context,
+    )
     from ctxprop._instrument import instrument, uninstrument
     from ctxprop._pipeline import aclose, aflush, close, flush, init
     from ctxprop._process_pool import ContextAwareProcessPoolExecutor
@@ -45,6 +49,7 @@ __version__ = "0.1.0"
 # every project that has ctxprop installed, and sentry-sdk stays optional.
 _EXPORTS: dict[str, tuple[str, str]] = {
     "AttrValue": ("ctxprop._scopes", "AttrValue"),
+    "ContextAwareExecutor": ("ctxprop._executors", "ContextAwareExecutor"),
     "ContextAwareProcessPoolExecutor": ("ctxprop._process_pool", "ContextAwareProcessPoolExecutor"),
     "ContextAwareThreadPoolExecutor": ("ctxprop._executors", "ContextAwareThreadPoolExecutor"),
     "CtxpropIntegration": ("ctxprop._sentry", "CtxpropIntegration"),
@@ -94,6 +99,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AttrValue",
+    "ContextAwareExecutor",
     "ContextAwareProcessPoolExecutor",
     "ContextAwareThreadPoolExecutor",
     "CtxpropSpanProcessor",

@@ -12,6 +12,7 @@ import functools
 import importlib
 import os
 import threading
+import types
 from collections.abc import Callable
 from contextvars import Context, ContextVar, copy_context
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
@@ -348,6 +349,68 @@ class Snapshot(tuple):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         return f"<ctxprop.Snapshot isolation={dict(self[1])!r} current={dict(self[2])!r}>"
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A Context does not pickle: what crosses is the portable envelope (W3C trace context, baggage,
+        # scope tags, portable hooks' states), and the other side runs with it (see _PortableSnapshot).
+        return (_PortableSnapshot, (self._envelope(),))
+
+    def _envelope(self) -> Any:
+        from ctxprop._process_pool import envelope_of
+
+        return envelope_of(self[0], self[1], self[2])
+
+
+class _PortableSnapshot:
+    """What a pickled :class:`Snapshot` becomes: ``run`` in the carried trace context and scopes, with the
+    spans made in another process sent home with the value (or the exception)."""
+
+    __slots__ = ("envelope",)
+
+    def __init__(self, envelope: Any) -> None:
+        self.envelope = envelope
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_PortableSnapshot, (self.envelope,))
+
+    def run(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        from ctxprop._process_pool import call_remote
+
+        return call_remote(self.envelope, fn, args, kwargs)
+
+    _run_once = run
+
+
+class _Bound:
+    """What :func:`wrap` returns: ``fn`` bound to a :class:`Snapshot`. Called in this process, it runs in
+    a copy of the captured context; pickled (a process pool, loky, Dask, a sub-interpreter), it becomes a
+    task carrying the portable envelope instead of failing on the ``Context``."""
+
+    def __init__(self, snap: Snapshot, fn: Callable[..., Any]) -> None:
+        self._ctxprop_snapshot = snap
+        self._ctxprop_fn = fn
+        self._ctxprop_portable: Any = None
+        # update_wrapper skips what ``fn`` lacks (a partial has no __name__) and sets __wrapped__.
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ctxprop_snapshot.run(self._ctxprop_fn, *args, **kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        # As a class attribute it binds like the function it wraps.
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        from ctxprop._process_pool import RemoteCall
+
+        # Made once per bound callable: joblib and multiprocessing pickle the same one for every chunk.
+        envelope = self._ctxprop_portable
+        if envelope is None:
+            envelope = self._ctxprop_portable = self._ctxprop_snapshot._envelope()
+        return (RemoteCall, (envelope, self._ctxprop_fn))
+
+    def __repr__(self) -> str:
+        return f"<ctxprop.wrap {self._ctxprop_fn!r}>"
+
 
 def _make_capture() -> Callable[[], Snapshot]:
     # The submit path of every task: the names it needs are bound once in this closure (a cell load is
@@ -385,15 +448,13 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     >>> job("runs with the caller's context")
     runs with the caller's context
 
+    Pickled (handed to a process pool, loky, Dask), it carries the portable envelope instead: the W3C
+    trace context, baggage, scope tags and portable capture hooks' states.
+
     .. versionadded:: 0.1.0
     """
-    snap = capture()
-
-    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
-        return snap.run(fn, *args, **kwargs)
-
-    # update_wrapper skips what ``fn`` lacks (a partial has no __name__) and sets __wrapped__.
-    return functools.update_wrapper(bound, fn)
+    bound: Callable[P, R] = _Bound(capture(), fn)
+    return bound
 
 
 def propagated() -> bool:

@@ -19,31 +19,48 @@ export (``_pipeline.forget()``), so nothing is sent twice.
 from __future__ import annotations
 
 import os
-import pickle
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextvars import copy_context
+from contextvars import Context, copy_context
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry import propagate
 
 from ctxprop import _capture, _stats
 from ctxprop._capture import PortableState, _activate_portable, _capture_portable, _enter
 from ctxprop._fork_context import worker_context
 from ctxprop._scopes import CURRENT, ISOLATION, AttrValue
-from ctxprop._spanwire import WireSpan, from_wire, to_wire
+from ctxprop._spanwire import WireSpan
+from ctxprop._worker_spans import (
+    Returned,
+    attach_to_exception,
+    deliver,
+    enter_worker_process,
+    flush_parent,
+    parent_provider,
+    resource_blob,
+    unwrap,
+    worker_collector,
+)
 
-__all__ = ["ContextAwareProcessPoolExecutor", "bind_for_process", "submit_with_context", "unpack_result"]
+__all__ = [
+    "ContextAwareProcessPoolExecutor",
+    "RemoteCall",
+    "bind_for_process",
+    "call_remote",
+    "envelope_of",
+    "remote_call",
+    "submit_with_context",
+    "unpack_result",
+]
 
 R = TypeVar("R")
 
-# (parent pid, W3C carrier, isolation tags, current tags, pickled parent resource or None, portable capture
-# hooks' states: empty, so one byte on the wire, unless such a hook is registered, e.g. the Sentry adapter)
+# (origin: the submitting pid and interpreter, W3C carrier, isolation tags, current tags, pickled parent
+# resource or None, portable capture hooks' states: empty, so one byte on the wire, unless such a hook is
+# registered, e.g. the Sentry adapter)
 _Envelope = tuple[
     int, dict[str, str], dict[str, AttrValue], dict[str, AttrValue], bytes | None, PortableState
 ]
@@ -54,67 +71,57 @@ _Outcome = tuple[bool, Any, tuple[WireSpan, ...]]
 # --- parent side -------------------------------------------------------------------------------------------
 
 
-def _parent_provider() -> TracerProvider | None:
-    """The SDK provider whose processors receive worker spans: ctxprop's pipeline, else the global one."""
-    from ctxprop import _pipeline
+def _interpreter_id() -> int:
+    # Sub-interpreters (InterpreterPoolExecutor) share the pid: the envelope's origin tells them apart.
+    try:
+        from concurrent import interpreters  # type: ignore[attr-defined,unused-ignore]
 
-    provider = _pipeline.current_provider()
-    if provider is None:
-        global_provider = trace.get_tracer_provider()
-        if isinstance(global_provider, TracerProvider):
-            provider = global_provider
-    return provider
+        return int(interpreters.get_current().id)
+    except Exception:  # noqa: BLE001 - before 3.14 there is one interpreter as far as ctxprop knows
+        return 0
 
 
-_resource_cache: tuple[Resource | None, bytes | None] = (None, None)
+_INTERPRETER = _interpreter_id()
 
 
-def _resource_blob(provider: TracerProvider | None) -> bytes | None:
-    global _resource_cache  # noqa: PLW0603
-    if provider is None:
-        return None
-    resource = provider.resource
-    cached_resource, blob = _resource_cache
-    if cached_resource is not resource:
-        blob = pickle.dumps(
-            (dict(resource.attributes), resource.schema_url), protocol=pickle.HIGHEST_PROTOCOL
-        )
-        _resource_cache = (resource, blob)
-    return blob
+def _origin() -> int:
+    """This process (and interpreter): a task whose envelope names it runs where it was submitted."""
+    return os.getpid() << 16 | _INTERPRETER
 
 
-def _envelope() -> _Envelope:
-    carrier: dict[str, str] = {}
+def _inject(carrier: dict[str, str]) -> None:
     try:
         propagate.inject(carrier)
     except Exception:  # noqa: BLE001 - a misbehaving custom propagator must not fail the submit
         _stats.incr("propagation_errors")
+
+
+def _envelope() -> _Envelope:
+    carrier: dict[str, str] = {}
+    _inject(carrier)
     return (
-        os.getpid(),
+        _origin(),
         carrier,
         ISOLATION.get()._tags,
         CURRENT.get()._tags,
-        _resource_blob(_parent_provider()),
+        resource_blob(parent_provider()),
         _capture_portable() if _capture._portable else (),
     )
 
 
-def _deliver(spans: tuple[WireSpan, ...]) -> None:
-    """Feed spans made in a worker to the parent's processors (never raises)."""
-    provider = _parent_provider()
-    if provider is None:
-        _stats.incr("process_spans_dropped", len(spans))
-        return
-    processor = provider._active_span_processor
-    resource = provider.resource
-    delivered = 0
-    for wire in spans:
-        try:
-            processor.on_end(from_wire(wire, resource=resource))
-            delivered += 1
-        except Exception:  # noqa: BLE001 - a bad span or processor must not fail the user's result
-            _stats.incr("process_spans_dropped")
-    _stats.incr("process_spans_received", delivered)
+def envelope_of(ctx: Context, iso: dict[str, AttrValue], cur: dict[str, AttrValue]) -> _Envelope:
+    """The envelope of a captured context (a Snapshot being pickled, perhaps in another thread)."""
+    carrier: dict[str, str] = {}
+    run = ctx.copy().run  # ctx itself may be entered right now, in this thread or another one
+    run(_inject, carrier)
+    return (
+        _origin(),
+        carrier,
+        iso,
+        cur,
+        resource_blob(parent_provider()),
+        run(_capture_portable) if _capture._portable else (),
+    )
 
 
 def unpack_result(outcome: _Outcome) -> Any:
@@ -127,7 +134,7 @@ def unpack_result(outcome: _Outcome) -> Any:
     """
     ok, payload, spans = outcome
     if spans:
-        _deliver(spans)
+        deliver(spans)
     if ok:
         return payload
     raise payload
@@ -179,7 +186,7 @@ class _OutcomeFuture(Future):  # type: ignore[type-arg]
         try:
             ok, payload, spans = inner.result()
             if spans:
-                _deliver(spans)
+                deliver(spans)
                 if self._on_spans is not None:
                     self._on_spans()
         except Exception as fault:  # noqa: BLE001 - never let a callback error escape to the pool's logger
@@ -247,128 +254,14 @@ class ContextAwareProcessPoolExecutor(ProcessPoolExecutor):
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
         if wait and self._ctxprop_fed.is_set():
             self._ctxprop_fed.clear()
-            _flush_parent()
-
-
-def _flush_parent() -> None:
-    from ctxprop import _pipeline
-
-    try:
-        if _pipeline.current_provider() is not None:
-            _pipeline.flush()
-            return
-        provider = _parent_provider()
-        if provider is not None:
-            provider.force_flush(3000)
-    except Exception:  # noqa: BLE001 - flushing telemetry must never fail the pool's shutdown
-        _stats.incr("process_flush_errors")
+            flush_parent()
 
 
 # --- worker side -------------------------------------------------------------------------------------------
 
 
-class _Collector(SpanProcessor):
-    """Keeps the worker's ended spans until the running task's outcome takes them."""
-
-    def __init__(self) -> None:
-        self.spans: deque[ReadableSpan] = deque()
-
-    def on_end(self, span: ReadableSpan) -> None:
-        self.spans.append(span)
-
-    def drain(self) -> tuple[WireSpan, ...]:
-        out = []
-        pop = self.spans.popleft
-        while True:
-            try:
-                span = pop()
-            except IndexError:
-                break
-            try:
-                out.append(to_wire(span))
-            except Exception:  # noqa: BLE001 - one odd span must not lose the task's result
-                _stats.incr("process_spans_dropped")
-        return tuple(out)
-
-
-_worker_pid = 0
-_worker_blob: bytes | None = None
-_collector: _Collector | None = None
-_inherited_collector = False  # _collector sits in the provider inherited from the parent through fork
-
-
-def _enter_worker_process() -> None:
-    """Once per worker process: drop a pipeline inherited through fork (or a re-imported main module)."""
-    global _worker_pid, _worker_blob, _collector, _inherited_collector  # noqa: PLW0603
-    if _worker_pid == os.getpid():
-        return
-    _worker_pid = os.getpid()
-    _worker_blob = None
-    _collector = None
-    _inherited_collector = False
-    try:
-        inherited = _parent_provider()
-        from ctxprop import _pipeline
-
-        _pipeline.forget()  # also resets OTel's global provider, which this worker sets anew
-        if inherited is not None:
-            _redirect(inherited)
-    except Exception:  # noqa: BLE001 - the task must still run when the inherited pipeline is odd
-        _stats.incr("process_worker_setup_errors")
-    if _capture._hooks:
-        # In the worker's own main context, which tasks copy (before the user's initializer in our pool,
-        # at the first task in a plain one): a forked worker drops hook state it inherited from whichever
-        # thread started it, e.g. that thread's Sentry scopes at the time.
-        _capture._enter_worker()
-
-
-def _redirect(inherited: TracerProvider) -> None:
-    """Make the provider inherited through fork collect for the parent instead of exporting.
-
-    Tracers the application got before the fork (a module-level ``tracer = trace.get_tracer(...)``
-    already used in the parent) are bound to this very provider object; replacing its processors, not
-    the provider, is what sends their spans home too. It is this process's own copy: the parent's is
-    untouched.
-    """
-    global _collector, _inherited_collector
-    from ctxprop._tagging import ScopeTagSpanProcessor
-
-    collector = _Collector()
-    # Tracers hold the provider's multi-processor object itself, not the provider: swap its members.
-    multi = inherited._active_span_processor
-    if not hasattr(multi, "_span_processors"):
-        raise TypeError(f"unexpected span processor {type(multi).__name__}")
-    multi._span_processors = (ScopeTagSpanProcessor(), collector)
-    trace.set_tracer_provider(inherited)
-    _collector, _inherited_collector = collector, True
-
-
-def _worker_collector(blob: bytes | None) -> _Collector | None:
-    """The collector of the worker-local provider for the parent's resource ``blob``."""
-    global _worker_blob, _collector
-    if _inherited_collector:
-        return _collector  # the parent's own provider (and resource), inherited through fork
-    if blob is None:
-        return None
-    if blob != _worker_blob or _collector is None:
-        from ctxprop._tagging import ScopeTagSpanProcessor
-
-        attributes, schema_url = pickle.loads(blob)  # noqa: S301 - bytes made by our parent process
-        collector = _Collector()
-        provider = TracerProvider(resource=Resource(attributes, schema_url))
-        provider.add_span_processor(ScopeTagSpanProcessor())
-        provider.add_span_processor(collector)
-        from ctxprop import _pipeline
-
-        # OTel lets the global provider be set once per process; a worker replaces what it had.
-        _pipeline._reset_global_provider()
-        trace.set_tracer_provider(provider)
-        _worker_blob, _collector = blob, collector
-    return _collector
-
-
 def _worker_initializer(initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> None:
-    _enter_worker_process()
+    enter_worker_process()
     if initializer is not None:
         initializer(*initargs)
 
@@ -387,15 +280,15 @@ def _in_context(envelope: _Envelope, fn: Callable[..., Any], args: Any, kwargs: 
 
 
 def _run_in_worker(envelope: _Envelope, fn: Callable[..., Any], args: Any, kwargs: Any) -> _Outcome:
-    if envelope[0] == os.getpid():
+    if envelope[0] == _origin():
         # Run in the submitting process itself (e.g. the bound callable called directly): the spans are
         # already in this process's pipeline, only the context needs applying.
         try:
             return (True, copy_context().run(_in_context, envelope, fn, args, kwargs), ())
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through unpack_result
             return (False, exc, ())
-    _enter_worker_process()
-    collector = _worker_collector(envelope[4])
+    enter_worker_process()
+    collector = worker_collector(envelope[4])
     try:
         value = worker_context().run(_in_context, envelope, fn, args, kwargs)
         ok = True
@@ -412,3 +305,72 @@ def _remote_exception(exc: BaseException) -> Any:
         return _ExceptionWithTraceback(exc, exc.__traceback__)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - the private helper moved: ship the bare exception
         return exc
+
+
+# --- any executor that pickles its tasks -------------------------------------------------------------------
+
+
+def call_remote(
+    envelope: _Envelope, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> R:
+    """Run ``fn`` in the envelope's context, wherever the task was unpickled; where that is another process
+    (or interpreter) with no pipeline of its own, its spans ride home in the value (or the exception)."""
+    if envelope[0] == _origin():
+        result: R = copy_context().run(_in_context, envelope, fn, args, kwargs)
+        return result
+    enter_worker_process()
+    collector = worker_collector(envelope[4])
+    if args:
+        args = tuple(map(unwrap, args))
+    if kwargs:
+        kwargs = {k: unwrap(v) for k, v in kwargs.items()}
+    try:
+        value: R = worker_context().run(_in_context, envelope, fn, args, kwargs)
+    except BaseException as exc:
+        spans = collector.drain() if collector is not None else ()
+        if spans:
+            attach_to_exception(exc, spans)
+        raise
+    spans = collector.drain() if collector is not None else ()
+    if spans:
+        shipped: R = Returned(value, spans)  # type: ignore[assignment]
+        return shipped
+    return value
+
+
+class RemoteCall:
+    """A picklable task: ``fn`` run in the envelope's trace context and scopes by whichever worker gets it.
+
+    Named after ``fn`` (``__name__``), so executors that label tasks by function name (Dask's keys) show
+    the user's name; tokenised by Dask from ``fn`` and the envelope.
+    """
+
+    __slots__ = ("envelope", "fn")
+
+    def __init__(self, envelope: _Envelope, fn: Callable[..., Any]) -> None:
+        self.envelope, self.fn = envelope, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return call_remote(self.envelope, self.fn, args, kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (RemoteCall, (self.envelope, self.fn))
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return ("ctxprop.RemoteCall", self.fn, self.envelope)
+
+    @property
+    def __name__(self) -> str:
+        return str(getattr(self.fn, "__name__", "task"))
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return self.fn
+
+    def __repr__(self) -> str:
+        return f"<ctxprop task {self.fn!r}>"
+
+
+def remote_call(fn: Callable[..., Any]) -> RemoteCall:
+    """``fn`` bound to the caller's envelope, for an executor that pickles its tasks."""
+    return RemoteCall(_envelope(), fn)
