@@ -14,7 +14,16 @@ ours):
   ``multiprocessing`` start for their own machinery are excluded: a pool's worker thread is started by
   whichever ``submit`` comes first, and must not keep that caller's context for the rest of its life.
 - ``asyncio.BaseEventLoop.run_in_executor`` for executors that are not thread pools: a
-  ``ProcessPoolExecutor`` gets the envelope above; any other executor gets a captured snapshot.
+  ``ProcessPoolExecutor`` gets the envelope above; any other executor is bound the way
+  ``ContextAwareExecutor`` binds its tasks.
+- ``concurrent.futures.InterpreterPoolExecutor`` (3.14+, a ``ThreadPoolExecutor`` whose tasks are pickled
+  into another interpreter): the envelope, through the same ``submit`` patch.
+- ``multiprocessing.pool.Pool`` and ``ThreadPool``: ``apply_async`` (so ``apply``), ``map``, ``map_async``,
+  ``starmap``, ``starmap_async``, ``imap``, ``imap_unordered``: the envelope for process pools, a
+  snapshot (copied per item) for thread pools.
+- Where installed, patched when imported (instrument() imports none of them): loky's
+  ``ProcessPoolExecutor.submit``, ``joblib.Parallel.__call__`` (every backend), Dask distributed's
+  ``Client.submit`` and ``Client.map`` (so ``client.get_executor()`` too).
 
 ``opentelemetry-instrument python app.py`` turns this on through the ``opentelemetry_instrumentor``
 entry point (:class:`CtxpropInstrumentor`).
@@ -26,6 +35,7 @@ import asyncio.base_events
 import concurrent.futures.process
 import concurrent.futures.thread
 import functools
+import multiprocessing.pool
 import os
 import sys
 import threading
@@ -91,11 +101,32 @@ def _propagates_itself(executor: object) -> bool:
     return known
 
 
+# thread-pool type -> whether it pickles its tasks (InterpreterPoolExecutor: a ThreadPoolExecutor whose
+# tasks cross to another interpreter); filled on first sight, like _self_propagating
+_pickling_pools: dict[type, bool] = {}
+
+
+def _pickles(executor: object) -> bool:
+    cls = type(executor)
+    known = _pickling_pools.get(cls)
+    if known is None:
+        from ctxprop._executors import pickles_tasks
+
+        known = _pickling_pools[cls] = bool(pickles_tasks(executor))
+    return known
+
+
 def _submit_wrapper(
     wrapped: Callable[..., Future[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[Any]:
     if not _active or not args or _propagates_itself(instance):
         return wrapped(*args, **kwargs)
+    if _pickles(instance):
+        if _carries_envelope(args[0]):
+            return wrapped(*args, **kwargs)
+        from ctxprop._process_pool import remote_call
+
+        return wrapped(remote_call(args[0]), *args[1:], **kwargs)
     if type(args[0]) is _partial:
         call = _into_context_run(args[0], args[1:], kwargs)
         if call is not None:
@@ -125,10 +156,18 @@ def _process_submit_wrapper(
 
 
 def _carries_envelope(fn: object) -> bool:
-    """Whether ``fn`` already is a cross-process task of ctxprop (submit_with_context, bind_for_process)."""
-    from ctxprop._process_pool import _run_in_worker
+    """Whether ``fn`` already carries ctxprop's context (submit_with_context, bind_for_process, a task of
+    ``ContextAwareExecutor``, ``wrap()``): it must not be bound a second time."""
+    from ctxprop._capture import _Bound
+    from ctxprop._process_pool import RemoteCall, _run_in_worker
 
-    return fn is _run_in_worker or (isinstance(fn, functools.partial) and fn.func is _run_in_worker)
+    cls = type(fn)
+    return (
+        cls is RemoteCall
+        or cls is _Bound
+        or fn is _run_in_worker
+        or (isinstance(fn, functools.partial) and fn.func is _run_in_worker)
+    )
 
 
 def _is_infrastructure(thread: threading.Thread) -> bool:
@@ -285,14 +324,138 @@ def _run_in_executor_wrapper(
     executor = args[0]
     if executor is None or isinstance(executor, ThreadPoolExecutor) or _propagates_itself(executor):
         return wrapped(*args)  # thread pools capture in their (patched or own) submit
+    if not isinstance(executor, Executor) or _carries_envelope(args[1]):
+        return wrapped(*args)
     if isinstance(executor, ProcessPoolExecutor):
-        if _carries_envelope(args[1]):
-            return wrapped(*args)
         return wrapped(_ProcessSubmit(executor), *args[1:])
-    if isinstance(executor, Executor):
-        snap = _capture.capture()
-        return wrapped(executor, functools.partial(snap._run_once, args[1]), *args[2:])
-    return wrapped(*args)
+    from ctxprop._executors import task_for
+
+    return wrapped(executor, task_for(executor, args[1]), *args[2:])
+
+
+# --- libraries beyond concurrent.futures: multiprocessing pools, loky, joblib, Dask ------------------------
+
+
+def _bind_for(pickled: bool, fn: Any) -> Any:
+    """``fn`` bound to the caller's context for a pool that pickles its tasks (``pickled``) or not."""
+    if _carries_envelope(fn) or not callable(fn):
+        return fn
+    if pickled:
+        from ctxprop._process_pool import remote_call
+
+        return remote_call(fn)
+    # One snapshot, a fresh copy of it per call: the items of a map never see one another's context.
+    return _capture._Bound(_capture.capture(), fn)
+
+
+def _with_bound_func(
+    pickled: bool, wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    # The task function is the first argument, positional or by keyword (``func=``).
+    if args:
+        return wrapped(_bind_for(pickled, args[0]), *args[1:], **kwargs)
+    if "func" in kwargs:
+        return wrapped(**{**kwargs, "func": _bind_for(pickled, kwargs["func"])})
+    return wrapped(*args, **kwargs)
+
+
+def _mp_pool_wrapper(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``multiprocessing.pool.Pool``/``ThreadPool`` methods that take a task function."""
+    if not _active:
+        return wrapped(*args, **kwargs)
+    return _with_bound_func(not isinstance(instance, multiprocessing.pool.ThreadPool), wrapped, args, kwargs)
+
+
+def _pickling_submit_wrapper(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``submit`` of executors that pickle their tasks (loky's, Dask's ``Client``)."""
+    if not _active or kwargs.get("actor") or kwargs.get("actors") or (args and isinstance(args[0], type)):
+        return wrapped(*args, **kwargs)  # a Dask actor is a class, instantiated on the worker
+    return _with_bound_func(True, wrapped, args, kwargs)
+
+
+def _joblib_call_wrapper(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``joblib.Parallel.__call__``: every ``delayed`` task, whatever the backend, in the caller's context.
+
+    Each function gets one snapshot-bound callable: a threading (or sequential) backend runs it in a copy
+    of the caller's context; loky and multiprocessing pickle it, and it becomes the portable envelope.
+    """
+    if not _active or not args:
+        return wrapped(*args, **kwargs)
+    snap = _capture.capture()
+    bound: dict[int, tuple[Any, Any]] = {}
+
+    def tasks(iterable: Any) -> Any:
+        for item in iterable:
+            try:
+                fn, fargs, fkwargs = item
+                if _carries_envelope(fn) or not callable(fn):
+                    raise TypeError
+            except (TypeError, ValueError):
+                yield item  # not a ``delayed`` triple: joblib reports it as it would
+                continue
+            known = bound.get(id(fn))
+            if known is None or known[0] is not fn:
+                known = bound[id(fn)] = (fn, _capture._Bound(snap, fn))
+            yield (known[1], fargs, fkwargs)
+
+    return wrapped(tasks(args[0]), *args[1:], **kwargs)
+
+
+_MP_POOL_METHODS = (
+    "apply_async",  # apply() calls it
+    "map",
+    "map_async",
+    "starmap",
+    "starmap_async",
+    "imap",
+    "imap_unordered",
+)
+
+#: (module, class, method, wrapper) patched when that module is imported (now, or later: wrapt's post-import
+#: hook), so instrument() imports none of these libraries itself.
+_LIBRARY_TARGETS: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
+    ("loky.process_executor", "ProcessPoolExecutor", "submit", _pickling_submit_wrapper),
+    ("joblib.parallel", "Parallel", "__call__", _joblib_call_wrapper),
+    ("distributed.client", "Client", "submit", _pickling_submit_wrapper),
+    ("distributed.client", "Client", "map", _pickling_submit_wrapper),
+)
+_hooked: set[str] = set()  # modules whose post-import hook is registered (wrapt has no way to remove one)
+
+
+def _patch_library(module: Any) -> None:
+    """Patch the targets of an imported library module (a post-import hook; takes the lock itself)."""
+    with _lock:
+        if not _active:
+            return
+        for module_name, cls_name, name, wrapper in _LIBRARY_TARGETS:
+            if module_name != module.__name__:
+                continue
+            owner = getattr(module, cls_name, None)
+            if owner is None or any(o is owner and n == name for o, n, _ in _patches):
+                continue
+            try:
+                wrapt.wrap_function_wrapper(owner, name, wrapper)
+            except Exception:  # noqa: BLE001 - a library release that moved the method stays unpatched
+                _stats.incr("instrument_errors")
+                continue
+            _patches.append((owner, name, wrapper))
+
+
+def _hook_libraries() -> None:
+    # Outside _lock: for a module already imported, wrapt calls the hook at once, and it takes the lock.
+    for module_name in dict.fromkeys(t[0] for t in _LIBRARY_TARGETS):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            _patch_library(module)
+        elif module_name not in _hooked:
+            _hooked.add(module_name)
+            wrapt.register_post_import_hook(_patch_library, module_name)
 
 
 _TARGETS: tuple[tuple[Any, str, Callable[..., Any]], ...] = (
@@ -300,6 +463,7 @@ _TARGETS: tuple[tuple[Any, str, Callable[..., Any]], ...] = (
     (concurrent.futures.process.ProcessPoolExecutor, "submit", _process_submit_wrapper),
     (threading.Thread, "start", _start_wrapper),
     (asyncio.base_events.BaseEventLoop, "run_in_executor", _run_in_executor_wrapper),
+    *((multiprocessing.pool.Pool, name, _mp_pool_wrapper) for name in _MP_POOL_METHODS),
 )
 
 
@@ -344,6 +508,7 @@ def instrument() -> None:
             wrapt.wrap_function_wrapper(owner, name, wrapper)
             _patches.append((owner, name, wrapper))
         _active = True
+    _hook_libraries()
 
 
 def uninstrument() -> None:
