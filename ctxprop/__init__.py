@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ctxprop._capture import Snapshot, capture, wrap
+    from ctxprop._dask import CtxpropWorkerPlugin as CtxpropWorkerPlugin  # optional: not in __all__
     from ctxprop._executors import (
         ContextAwareExecutor,
         ContextAwareThreadPoolExecutor,
@@ -53,6 +54,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ContextAwareProcessPoolExecutor": ("ctxprop._process_pool", "ContextAwareProcessPoolExecutor"),
     "ContextAwareThreadPoolExecutor": ("ctxprop._executors", "ContextAwareThreadPoolExecutor"),
     "CtxpropIntegration": ("ctxprop._sentry", "CtxpropIntegration"),
+    "CtxpropWorkerPlugin": ("ctxprop._dask", "CtxpropWorkerPlugin"),
     "CtxpropSpanProcessor": ("ctxprop._processor", "CtxpropSpanProcessor"),
     "Scope": ("ctxprop._scopes", "Scope"),
     "ScopeTagSpanProcessor": ("ctxprop._tagging", "ScopeTagSpanProcessor"),

@@ -211,6 +211,7 @@ class _Collector(SpanProcessor):
 _worker_pid = 0
 _worker_blob: bytes | None = None
 _collector: _Collector | None = None
+_collector_provider: TracerProvider | None = None  # the worker-local provider that _collector is in
 _inherited_collector = False  # _collector sits in the provider inherited from the parent through fork
 _forked_provider: TracerProvider | None = None  # the ctxprop pipeline this process inherited by fork
 _own_pipeline_closer = False  # a multiprocessing finalizer closes the worker's own pipeline at exit
@@ -317,7 +318,7 @@ def _hand_inherited_to_own() -> None:
 def worker_collector(blob: bytes | None) -> _Collector | None:
     """The collector of the worker-local provider for the parent's resource ``blob``; None when spans go
     out through a pipeline of this worker's own (or there is nothing to collect for)."""
-    global _worker_blob, _collector
+    global _worker_blob, _collector, _collector_provider
     if _own_pipeline():
         if _inherited_collector:
             _hand_inherited_to_own()
@@ -327,7 +328,8 @@ def worker_collector(blob: bytes | None) -> _Collector | None:
         return _collector  # the parent's own provider (and resource), inherited through fork
     if blob is None:
         return None
-    if blob != _worker_blob or _collector is None:
+    if blob != _worker_blob or _collector is None or trace.get_tracer_provider() is not _collector_provider:
+        # (a new parent resource, or the global provider replaced since: a worker pipeline closed)
         from ctxprop._tagging import ScopeTagSpanProcessor
 
         attributes, schema_url = pickle.loads(blob)  # noqa: S301 - bytes made by our parent process
@@ -340,5 +342,5 @@ def worker_collector(blob: bytes | None) -> _Collector | None:
         # OTel lets the global provider be set once per process; a worker replaces what it had.
         _pipeline._reset_global_provider()
         trace.set_tracer_provider(provider)
-        _worker_blob, _collector = blob, collector
+        _worker_blob, _collector, _collector_provider = blob, collector, provider
     return _collector
