@@ -25,6 +25,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import OTLPReceiver, receiver  # noqa: F401
 
 import ctxprop
 
@@ -361,3 +362,87 @@ def test_wrap_still_binds_as_a_method() -> None:
     Job.bound = ctxprop.wrap(Job.run)  # type: ignore[attr-defined]
     assert Job().bound(2) == 6  # type: ignore[attr-defined]
     assert Job.bound.__wrapped__ is Job.run  # type: ignore[attr-defined]
+
+
+# --- Dask: Client.submit/map under instrument(), and workers with a pipeline of their own -------------------
+
+
+def passthrough(value: Any) -> Any:
+    return value
+
+
+def test_dask_client_submit_and_map_under_instrument_deliver_once(
+    dask_client: Any, exporter: InMemorySpanExporter
+) -> None:
+    """``Client.submit``/``map`` under instrument(): tags in the task, spans children of the submitting span;
+    ``result()`` twice delivers them once; a dependent task gets the value itself. Without instrument()
+    (the control) the tags are missing and no worker span arrives."""
+
+    def run() -> tuple[Any, ...]:
+        with ctxprop.isolation_scope():
+            ctxprop.set_tag("tenant", "acme")
+            with trace.get_tracer("test").start_as_current_span("submit") as root:
+                first = dask_client.submit(traced, 21)
+                again = (first.result(timeout=60), first.result(timeout=60))
+                mapped = dask_client.gather(dask_client.map(traced, [22, 23]))
+                dependent = dask_client.submit(passthrough, first).result(timeout=60)
+        ctxprop.flush(10)
+        sc = root.get_span_context()
+        names = Counter(
+            s.name
+            for s in exporter.get_finished_spans()
+            if s.parent is not None
+            and s.parent.span_id == sc.span_id
+            and (s.attributes or {}).get("tenant") == "acme"
+        )
+        return again, mapped, dependent, names
+
+    again, mapped, dependent, names = run()
+    assert [r["tags"] for r in (*again, *mapped)] == [{}] * 4  # the control
+    assert names == Counter()
+    ctxprop.instrument()
+    try:
+        again, mapped, dependent, names = run()
+    finally:
+        ctxprop.uninstrument()
+    assert again == ({"n": 21, "tags": TAGS},) * 2
+    assert mapped == [{"n": 22, "tags": TAGS}, {"n": 23, "tags": TAGS}]
+    assert dependent == {"n": 21, "tags": TAGS}
+    assert names == Counter(["task-21", "task-22", "task-23"])
+
+
+def test_with_the_worker_plugin_spans_go_out_through_the_workers_pipeline(
+    dask_client: Any, exporter: InMemorySpanExporter, receiver: OTLPReceiver  # noqa: F811
+) -> None:
+    """With ``CtxpropWorkerPlugin`` registered, each worker runs its own pipeline: the task spans reach
+    the collector from the workers, parented and tagged, and none rides home to the client (never twice).
+    Unregistered, the workers ship spans home again."""
+    plugin = ctxprop.CtxpropWorkerPlugin(endpoint=receiver.endpoint, service_name="dask-worker")
+    dask_client.register_plugin(plugin)
+    executor = ctxprop.ContextAwareExecutor(dask_client.get_executor())
+    try:
+        ctxprop.set_tag("tenant", "acme")
+        with trace.get_tracer("test").start_as_current_span("submit") as root:
+            results = list(executor.map(traced, [31, 32, 33], timeout=60))
+        # The workers close their pipelines (flushing) when the plugin is removed.
+    finally:
+        dask_client.unregister_worker_plugin(plugin.name)
+    assert [r["tags"] for r in results] == [TAGS] * 3
+    assert receiver.wait_for_spans(3, timeout=30)
+    sc = root.get_span_context()
+    got = {s.name: s for s in receiver.spans}
+    assert sorted(got) == ["task-31", "task-32", "task-33"]
+    for span in got.values():
+        assert span.parent_span_id == format(sc.span_id, "016x")
+        assert span.trace_id == format(sc.trace_id, "032x")
+        assert span.attributes["tenant"] == "acme"
+        assert span.service_name == "dask-worker"
+    ctxprop.flush(10)
+    assert not [s for s in exporter.get_finished_spans() if s.name.startswith("task-3")]
+    with trace.get_tracer("test").start_as_current_span("after") as after:
+        assert executor.submit(traced, 34).result(timeout=60)["tags"] == TAGS
+    ctxprop.flush(10)
+    home = [s for s in exporter.get_finished_spans() if s.name == "task-34"]
+    assert len(home) == 1
+    assert home[0].parent is not None
+    assert home[0].parent.span_id == after.get_span_context().span_id
