@@ -41,8 +41,11 @@ class CtxpropWorkerPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         """Start the worker's pipeline (a bad configuration is counted, never fails the worker)."""
         import ctxprop
+        from ctxprop import _worker_spans
 
         try:
+            # Tasks that ran before the plugin made the worker collect their spans for the client.
+            _worker_spans.release_collecting_provider()
             ctxprop.init(**self.init_kwargs)
         except Exception:  # noqa: BLE001 - the worker must run tasks even with telemetry misconfigured
             _stats.incr("worker_plugin_errors")

@@ -315,6 +315,18 @@ def _hand_inherited_to_own() -> None:
         _stats.incr("process_worker_setup_errors")
 
 
+def release_collecting_provider() -> None:
+    """Before ``init()`` in a worker (the Dask plugin): give up the collecting provider this module made
+    global, so the worker's own pipeline becomes the global provider."""
+    global _collector, _collector_provider, _worker_blob
+    provider = _collector_provider
+    if provider is not None and trace.get_tracer_provider() is provider:
+        from ctxprop import _pipeline
+
+        _pipeline._reset_global_provider()
+    _collector, _collector_provider, _worker_blob = None, None, None
+
+
 def worker_collector(blob: bytes | None) -> _Collector | None:
     """The collector of the worker-local provider for the parent's resource ``blob``; None when spans go
     out through a pipeline of this worker's own (or there is nothing to collect for)."""
