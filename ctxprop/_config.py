@@ -57,6 +57,7 @@ class PipelineConfig:
     spool_max_bytes: float = 64 * 2**20
     spool_max_age: float = 7 * 86400.0
     resource_attributes: Mapping[str, Any] = field(default_factory=dict)
+    encoder: str = "ctxprop"
 
 
 def _env(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
@@ -253,6 +254,22 @@ def _compression(value: str | None, environ: Mapping[str, str]) -> str:
     return c
 
 
+def _encoder(value: str | None, environ: Mapping[str, str]) -> str:
+    from ctxprop._encoding import ENCODERS
+
+    if value is not None:
+        source, raw = f"init(encoder={value!r})", value
+    else:
+        found = _env(environ, "CTXPROP_ENCODER")
+        if not found:
+            return "ctxprop"
+        source, raw = f"{found[0]}={found[1]!r}", found[1]
+    name = raw.strip().lower() if isinstance(raw, str) else raw
+    if name not in ENCODERS:
+        raise ValueError(f"{source}: unknown encoder; use 'ctxprop' (the default) or 'official'")
+    return str(name)
+
+
 def build_config(
     *,
     service_name: str | None = None,
@@ -268,6 +285,7 @@ def build_config(
     schedule_delay: float | None = None,
     resource_attributes: Mapping[str, Any] | None = None,
     export_timeout: float | None = None,
+    encoder: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> PipelineConfig:
     """Resolve and validate the pipeline settings; raises ``ValueError`` naming the setting to fix.
@@ -346,4 +364,5 @@ def build_config(
         spool_max_bytes=spool_cap("CTXPROP_SPOOL_MAX_BYTES", DEFAULT_MAX_BYTES, env, lenient=False),
         spool_max_age=spool_cap("CTXPROP_SPOOL_MAX_AGE", DEFAULT_MAX_AGE, env, lenient=False),
         resource_attributes=dict(resource_attributes or {}),
+        encoder=_encoder(encoder, env),
     )

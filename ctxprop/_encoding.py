@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-__all__ = ["ENCODERS", "Encoded", "encode", "encode_fast", "encode_official", "use_encoder"]
+__all__ = [
+    "ENCODERS",
+    "Encoded",
+    "current_encoder",
+    "encode",
+    "encode_fast",
+    "encode_official",
+    "use_encoder",
+]
 
 ENCODERS = ("ctxprop", "official")
 _official = False
@@ -47,6 +55,13 @@ def use_encoder(name: str) -> None:
     if name not in ENCODERS:
         raise ValueError(f"encoder must be one of {', '.join(map(repr, ENCODERS))}, not {name!r}")
     _official = name == "official"
+    if not _official:
+        _otlp_wire.calibrate()
+
+
+def current_encoder() -> str:
+    """The encoder this process uses now."""
+    return "official" if _official else "ctxprop"
 
 
 def encode(spans: Sequence[ReadableSpan]) -> Encoded:

@@ -64,6 +64,7 @@ def init(
     max_export_batch_size: int | None = None,
     schedule_delay: float | None = None,
     resource_attributes: Mapping[str, Any] | None = None,
+    encoder: str | None = None,
 ) -> TracerProvider:
     """Set up the global TracerProvider: scope tags on every span, ctxprop's batching processor, OTLP/HTTP
     export (or ``exporter``), the spool, and delivery at every ending (close, exit, exception, SIGTERM,
@@ -72,6 +73,8 @@ def init(
     The endpoint is ``endpoint``, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (as is), else
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else ``http://localhost:4318/v1/traces``. Bad settings
     raise ``ValueError``; a second call warns (``RuntimeWarning``) and returns the first provider.
+    ``encoder`` (else ``CTXPROP_ENCODER``) is ``"ctxprop"`` (the default: ctxprop's own OTLP encoder, the
+    same bytes at a fraction of the CPU) or ``"official"`` (OpenTelemetry's ``encode_spans``).
 
     >>> import ctxprop
     >>> from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -107,6 +110,7 @@ def init(
             max_export_batch_size=max_export_batch_size,
             schedule_delay=schedule_delay,
             resource_attributes=resource_attributes,
+            encoder=encoder,
         )
         if exporter is not None and not callable(getattr(exporter, "export", None)):
             raise ValueError(f"init(exporter={exporter!r}): expected an OpenTelemetry SpanExporter")
@@ -135,6 +139,10 @@ def init(
 
 
 def _build_processor(cfg: PipelineConfig, exporter: SpanExporter | None) -> CtxpropSpanProcessor:
+    from ctxprop import _encoding
+
+    # Chosen (and the ctxprop encoder calibrated) now, not at the first export, which may run at exit.
+    _encoding.use_encoder(cfg.encoder)
     if exporter is not None:
         return CtxpropSpanProcessor(
             exporter=exporter,
@@ -446,5 +454,8 @@ async def aclose(timeout: float | None = None) -> None:
 
 def _reset_for_tests() -> None:
     """Forget the pipeline and OpenTelemetry's global provider, so a test can call ``init()`` again."""
+    from ctxprop import _encoding
+
     with _lock:
         forget()
+        _encoding.use_encoder("ctxprop")

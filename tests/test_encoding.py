@@ -1,14 +1,21 @@
-"""Encoding batches: a span that cannot be encoded is dropped alone and counted, never its batch."""
+"""Encoding batches: a span that cannot be encoded is dropped alone and counted, never its batch; the
+encoder is chosen at init(); spools written with either encoder replay with the other."""
 
 from __future__ import annotations
 
+import socket
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import pytest
 import support
 from opentelemetry import trace
-from support import OTLPReceiver
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import OTLPReceiver, run_child
 
 import ctxprop
+from ctxprop import _encoding
 
 receiver = support.receiver
 
@@ -41,3 +48,74 @@ def test_unencodable_attribute_drops_only_that_attribute(receiver: OTLPReceiver,
     assert sorted(s.name for s in receiver.spans) == ["a", "b"]
     assert next(s for s in receiver.spans if s.name == "a").attributes == {"good": 1}
     assert "dropped_unencodable" not in ctxprop.stats()
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_bad_encoder_raises_at_init(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown encoder name is a ValueError at init() naming where it came from and what to use."""
+    kwargs: dict[str, Any] = {}
+    if how == "argument":
+        kwargs["encoder"] = "fastest"
+    else:
+        monkeypatch.setenv("CTXPROP_ENCODER", "fastest")
+    message = r"(init\(encoder='fastest'\)|CTXPROP_ENCODER='fastest').*'official'"
+    with pytest.raises(ValueError, match=message):
+        ctxprop.init(exporter=InMemorySpanExporter(), handle_signals=False, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["argument", "environment", "default"])
+def test_encoder_choice_delivers(
+    how: str, receiver: OTLPReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init(encoder="official") and CTXPROP_ENCODER=official select the official encoder, else ctxprop's."""
+    kwargs: dict[str, Any] = {}
+    if how == "argument":
+        kwargs["encoder"] = "official"
+    elif how == "environment":
+        monkeypatch.setenv("CTXPROP_ENCODER", " Official ")
+    ctxprop.init(endpoint=receiver.endpoint, handle_signals=False, spool_dir=str(tmp_path), **kwargs)
+    assert _encoding.current_encoder() == ("ctxprop" if how == "default" else "official")
+    tracer = trace.get_tracer("encoding-test")
+    for i in range(20):
+        with tracer.start_as_current_span(f"s{i}", attributes={"i": i, "m": "\u00e9"}):
+            pass
+    ctxprop.close(10)
+    assert sorted(s.name for s in receiver.spans) == sorted(f"s{i}" for i in range(20))
+    assert {s.attributes["m"] for s in receiver.spans} == {"\u00e9"}
+
+
+SPOOL_THEN_REPLAY = """
+import json, os, sys
+import ctxprop
+from opentelemetry import trace
+ctxprop.init(endpoint=os.environ["EP"], encoder=os.environ["ENC"], close_timeout=2.0)
+tracer = trace.get_tracer("cross-encoder", "1.0")
+for i in range(int(os.environ["N"])):
+    with tracer.start_as_current_span(f"{os.environ['TAG']}-{i}", attributes={"i": i, "s": "\u00e9"}) as s:
+        s.add_event("e", {"k": (1, 2)})
+ctxprop.close()
+print(json.dumps({"stats": ctxprop.stats()}), flush=True)
+"""
+
+
+@pytest.mark.parametrize(("first", "second"), [("ctxprop", "official"), ("official", "ctxprop")])
+def test_spool_written_by_one_encoder_replays_with_the_other(
+    first: str, second: str, receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """A process with the collector down spools with one encoder; the next, with the other, replays all."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/traces"  # bound, never listening: refused
+        env = {"CTXPROP_SPOOL_DIR": str(tmp_path / "spool"), "N": "300"}
+        spooled = run_child(SPOOL_THEN_REPLAY, env={**env, "EP": down, "ENC": first, "TAG": "old"})
+    assert spooled.returncode == 0, spooled.stderr
+    assert spooled.stderr == ""
+    assert spooled.last("stats").get("spool_written_spans") == 300
+    replayed = run_child(SPOOL_THEN_REPLAY, env={**env, "EP": receiver.endpoint, "ENC": second, "TAG": "new"})
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stderr == ""
+    names = Counter(s.name for s in receiver.spans)
+    assert set(names) == {f"{tag}-{i}" for tag in ("old", "new") for i in range(300)}
+    assert max(names.values()) == 1
+    assert {s.attributes["s"] for s in receiver.spans} == {"\u00e9"}
+    assert all(s.events == (("e", {"k": (1, 2)}),) for s in receiver.spans)
