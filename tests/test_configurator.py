@@ -316,3 +316,64 @@ def test_init_after_another_provider_warns_once_and_still_delivers(
     assert receiver.span_count == 50
     assert all(s.attributes.get("tenant") == "acme" for s in receiver.spans)
     assert err == ""
+
+
+LIFESPAN_APP = '''
+import os
+from opentelemetry import trace
+import ctxprop, ctxprop._pipeline
+
+ctxprop.init(endpoint=os.environ["APP_ENDPOINT"], service_name="lifespan-app")
+tracer = trace.get_tracer("lifespan-app")
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                with tracer.start_as_current_span("shutdown"):
+                    pass
+                await ctxprop.aclose()  # the README's recipe
+                print("CLOSED", ctxprop._pipeline.current_provider() is None, flush=True)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    with tracer.start_as_current_span("request " + scope["path"]):
+        body = b'{"pid": %d}' % os.getpid()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+
+def test_aclose_in_the_asgi_lifespan_shutdown_delivers_everything(
+    receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """uvicorn stopped by SIGTERM, the app awaiting ctxprop.aclose() in its lifespan shutdown: every span,
+    the shutdown's own included, is exported before the process ends, and nothing reaches stderr."""
+    (tmp_path / "lifespan_app.py").write_text(LIFESPAN_APP)
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "uvicorn", "lifespan_app:app", "--host", "127.0.0.1", "--port", str(port),
+        "--no-access-log", "--app-dir", str(tmp_path),
+    ]  # fmt: skip
+    env = telemetry_env(receiver, "ctxprop", tmp_path)
+    with serve(argv, port=port, env=env, tmp_path=tmp_path) as server:
+        import httpx
+
+        with httpx.Client(base_url=server.base_url, timeout=10.0) as client:
+            for i in range(10):
+                client.get(f"/r{i}").raise_for_status()
+        server.signal(signal.SIGTERM)
+        status = server.wait(20)
+        out = server.stderr()
+    assert receiver.wait_for_spans(12, 10), out
+    names = sorted(s.name for s in receiver.spans)
+    assert names.count("shutdown") == 1
+    assert len(names) == receiver.span_count == 12  # 10 requests, /health, shutdown
+    closed = [ln.split() for ln in out.splitlines() if ln.startswith("CLOSED")]
+    assert closed == [["CLOSED", "True"]], out
+    assert noise(out) == [], out
+    measure("uvicorn lifespan aclose", status=serverkit.signal_status(status), spans=receiver.span_count)
