@@ -4,7 +4,9 @@ Measures, interleaving the contenders round by round:
 - app-thread cost per span (start_span + 3 attributes + end) while the exporter works in the background;
 - end-to-end spans/s: from the first span to the loopback collector acknowledging the last one (each
   contender flushes at the end so the stock processor's 5 s schedule delay does not count against it);
-- how long ``close()`` / ``provider.shutdown()`` takes at the end of a short script, collector up and down.
+- how long ``close()`` / ``provider.shutdown()`` takes at the end of a short script, collector up and down;
+- encode cost per span, official ``encode_spans(spans).SerializeToString()`` against ctxprop's encoder, on
+  512 spans of the benchmark's shape (the three attributes above and a float: four), interleaved.
 
 The collector is ctxprop's loopback receiver in a separate process (``keep_spans=False``: it parses each
 request with protobuf's C parser and counts), so it does not compete for this process's GIL.
@@ -152,6 +154,48 @@ def one_round(name: str, collector: Collector, n: int) -> tuple[float, float]:
     return (t1 - t0) / n, n / (t2 - t0)
 
 
+def bench_spans(n: int) -> list[Any]:
+    """``n`` finished spans of the benchmark's shape, four attributes each (for the encoders alone)."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=stable_resource(Resource.create({})), shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+    for i in range(n):
+        span = tracer.start_span("op")
+        span.set_attribute("i", i)
+        span.set_attribute("route", "/items/{id}")
+        span.set_attribute("ok", True)
+        span.set_attribute("size", i * 0.5)
+        span.end()
+    return list(exporter.get_finished_spans())
+
+
+def encode_costs(rounds: int) -> dict[str, float]:
+    """Best-of-rounds microseconds per span for each encoder, the two interleaved in every round."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from ctxprop._encoding import encode_fast
+
+    spans = bench_spans(512)
+    if encode_fast(spans).payload != encode_spans(spans).SerializeToString():
+        raise SystemExit("ctxprop's encoder and the official one disagree on the benchmark's spans")
+    encoders: dict[str, Callable[[], object]] = {
+        "official": lambda: encode_spans(spans).SerializeToString(),
+        "ctxprop": lambda: encode_fast(spans),
+    }
+    best = dict.fromkeys(encoders, float("inf"))
+    for _ in range(rounds):
+        for name, fn in encoders.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / 5 / len(spans) * 1e6)
+    return best
+
+
 CLOSE_SCRIPT = """
 import sys, time
 kind, endpoint = sys.argv[1], sys.argv[2]
@@ -202,6 +246,13 @@ def main() -> None:
     n = args.spans or (8_000 if args.quick else 40_000)
     rounds = args.rounds or (3 if args.quick else 5)
     quiet_official_loggers()
+
+    costs = encode_costs(10 if args.quick else 40)
+    print("encode, us per span (512 spans, four attributes; best of interleaved rounds):")
+    print(
+        f"  official {costs['official']:6.2f}   ctxprop {costs['ctxprop']:6.2f}"
+        f"   official/ctxprop {costs['official'] / costs['ctxprop']:5.2f}x\n"
+    )
 
     collector = Collector()
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in CONTENDERS}

@@ -432,3 +432,52 @@ def test_property_batches_equal_official_per_span_fallback(batch: list[ReadableS
     assert (ours.spans, ours.dropped) == (official.spans, official.dropped)
     if not official.dropped:
         assert ours.payload == encode_spans(batch).SerializeToString()
+
+
+class _OwnEvents(ReadableSpan):
+    """A span that keeps its events and links elsewhere than ReadableSpan's private lists."""
+
+    def __init__(self, **kw: Any) -> None:
+        events, links = kw.pop("events"), kw.pop("links")
+        super().__init__(**kw)
+        del self._events, self._links
+        self._mine = tuple(events), tuple(links)
+
+    @property
+    def events(self) -> Sequence[Event]:
+        """The events, from this class's own storage."""
+        return self._mine[0]
+
+    @property
+    def links(self) -> Sequence[Link]:
+        """The links, from this class's own storage."""
+        return self._mine[1]
+
+    @property
+    def dropped_events(self) -> int:
+        """None dropped."""
+        return 0
+
+    @property
+    def dropped_links(self) -> int:
+        """None dropped."""
+        return 0
+
+
+def test_events_and_links_without_the_private_lists() -> None:
+    """The emptiness shortcut on ReadableSpan's private lists falls back to the public properties."""
+    s = _OwnEvents(
+        name="own",
+        context=SpanContext(1, 2, False),
+        resource=RESOURCE,
+        events=[Event("e", {"a": 1}, timestamp=3)],
+        links=[Link(SpanContext(4, 5, True), {"b": "c"})],
+    )
+    assert not hasattr(s, "_events")
+    assert_fast_path(s)
+    assert_same([s])
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(encode_fast([s]).payload)
+    (got,) = request.resource_spans[0].scope_spans[0].spans
+    assert [e.name for e in got.events] == ["e"]
+    assert len(got.links) == 1
