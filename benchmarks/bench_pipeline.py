@@ -133,13 +133,14 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
-def one_round(name: str, collector: Collector, n: int) -> tuple[float, float]:
+def one_round(name: str, collector: Collector, n: int) -> tuple[float, float, float]:
     procs, resource = CONTENDERS[name](collector.endpoint, n + 1)
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     for proc in procs:
         provider.add_span_processor(proc)
     tracer = provider.get_tracer("bench")
     base = collector.spans()
+    c0 = time.process_time()  # every thread of this process: the app's, the exporter's, the GC's
     t0 = time.perf_counter()
     for i in range(n):
         span = tracer.start_span("op")
@@ -150,8 +151,9 @@ def one_round(name: str, collector: Collector, n: int) -> tuple[float, float]:
     t1 = time.perf_counter()
     provider.force_flush(120_000)
     t2 = collector.wait_for(base + n)
+    c2 = time.process_time()
     provider.shutdown()
-    return (t1 - t0) / n, n / (t2 - t0)
+    return (t1 - t0) / n, n / (t2 - t0), (c2 - c0) / n
 
 
 def bench_spans(n: int) -> list[Any]:
@@ -255,7 +257,7 @@ def main() -> None:
     )
 
     collector = Collector()
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in CONTENDERS}
+    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in CONTENDERS}
     try:
         one_round(next(iter(CONTENDERS)), collector, 2000)  # warm imports, connections, caches
         for r in range(rounds):
@@ -268,13 +270,26 @@ def main() -> None:
         collector.close()
 
     base = BASE
-    med: dict[str, tuple[float, float]] = {}
+    med: dict[str, tuple[float, float, float]] = {}
     for k, v in results.items():
-        med[k] = (statistics.median(c for c, _ in v), statistics.median(t for _, t in v))
+        med[k] = (
+            statistics.median(c for c, _, _ in v),
+            statistics.median(t for _, t, _ in v),
+            statistics.median(p for _, _, p in v),
+        )
     print(f"{n} spans x {rounds} rounds, interleaved; medians")
-    print(f"{'contender':52} {'app us/span':>11} {'x BSP':>7} {'e2e spans/s':>12} {'x BSP':>7}")
-    for k, (cost, tput) in med.items():
-        print(f"{k:52} {cost * 1e6:11.2f} {cost / med[base][0]:7.2f} {tput:12.0f} {tput / med[base][1]:7.2f}")
+    print(
+        f"{'contender':52} {'app us/span':>11} {'x BSP':>7} {'e2e spans/s':>12} {'x BSP':>7}"
+        f" {'CPU us/span':>11} {'x BSP':>7}"
+    )
+    b_cost, b_tput, b_cpu = med[base]
+    for k, (cost, tput, cpu) in med.items():
+        print(
+            f"{k:52} {cost * 1e6:11.2f} {cost / b_cost:7.2f} {tput:12.0f} {tput / b_tput:7.2f}"
+            f" {cpu * 1e6:11.2f} {cpu / b_cpu:7.2f}"
+        )
+    print("(budgets for ctxprop's pipeline: app-thread cost <= 0.6x BSP, end-to-end >= 2x BSP;")
+    print(" CPU: the whole process's CPU time from the first span to the last one delivered, per span)")
 
     print("\nclose() at the end of a short script (200 spans), seconds:")
     with tempfile.TemporaryDirectory() as spool:
