@@ -25,3 +25,12 @@ def failing(n: int) -> None:
     """Makes a span and raises."""
     with trace.get_tracer("worker").start_as_current_span("doomed"):
         raise LookupError(f"no row {n}")
+
+
+def traced_where(n: int) -> dict[str, Any]:
+    """Like :func:`traced`, and says which Dask worker ran it."""
+    from distributed import get_worker
+
+    out = traced(n)
+    out["worker"] = get_worker().address
+    return out
