@@ -7,12 +7,16 @@
    and out). Also ``Thread(...).start(); join()`` per second under the same four.
 2. ``ContextAwareProcessPoolExecutor`` vs a plain ``ProcessPoolExecutor`` (fork, 2 workers): per-task
    round-trip time of no-op tasks, and of tasks that make one span (shipped home with ctxprop).
+3. loky's reusable executor and Dask distributed's ``client.get_executor()`` (a LocalCluster, 2 worker
+   processes), bare against ``ctxprop.ContextAwareExecutor`` over them, 20 tags on each scope: CPU time per
+   task summed over every process (the steadiest figure; psutil), and wall time per task, of ``map``.
 
 Figures are the best round of each variant (the one least disturbed by the rest of the machine;
 medians are printed too); ratios are against the uninstrumented / plain variant of the same run.
 
     python benchmarks/bench_boundaries.py           # full
-    python benchmarks/bench_boundaries.py --quick   # < 30 s
+    python benchmarks/bench_boundaries.py --quick   # < 1 min
+    python benchmarks/bench_boundaries.py --only executors
 """
 
 from __future__ import annotations
@@ -197,6 +201,89 @@ def bench_processes(rounds: int, tasks: int) -> None:
     ctxprop.close()
 
 
+def _tree_cpu() -> dict[int, float]:
+    """CPU seconds used so far by this process and every process below it (pool workers), per pid."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[int, float] = {}
+    for proc in (me, *me.children(recursive=True)):
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.Error:
+            continue  # a worker that exited mid-count
+    return out
+
+
+def _executor_round(executor: Any, fn: Callable[[int], Any], tasks: int) -> tuple[float, float]:
+    """(µs of CPU per task across all processes, µs of wall time per task) for a ``map`` of ``tasks``."""
+    cpu, start = _tree_cpu(), time.perf_counter()
+    for _ in executor.map(fn, range(tasks)):
+        pass
+    wall = time.perf_counter() - start
+    # per pid: a process that started during the round counts from zero, one that ended is not counted
+    used = sum(t - cpu.get(pid, 0.0) for pid, t in _tree_cpu().items())
+    return used / tasks * 1e6, wall / tasks * 1e6
+
+
+def noop_arg(_: int) -> None:
+    return None
+
+
+def one_span_arg(_: int) -> None:
+    trace.get_tracer("bench").start_span("task").end()
+
+
+def bench_pickling_executors(rounds: int, tasks: int, dask_tasks: int) -> None:
+    """loky and Dask distributed: the bare executor against ``ctxprop.ContextAwareExecutor`` over it."""
+    import loky
+    from distributed import Client, LocalCluster
+
+    exporter = InMemorySpanExporter()
+    ctxprop.init(exporter=exporter, service_name="bench", handle_signals=False)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        engines = {"loky": (loky.get_reusable_executor(max_workers=2), tasks)}
+        engines["Dask"] = (client.get_executor(), dask_tasks)
+        cpu: dict[str, dict[str, list[float]]] = {}
+        wall: dict[str, dict[str, list[float]]] = {}
+        with ctxprop.isolation_scope(), trace.get_tracer("bench").start_as_current_span("parent"):
+            for i in range(20):
+                ctxprop.set_tag(f"tag{i}", i)
+            for engine, (bare, n) in engines.items():
+                wrapped = ctxprop.ContextAwareExecutor(bare)
+                variants = {f"bare {engine}": bare, "ctxprop.ContextAwareExecutor": wrapped}
+                for label, fn in (("no-op", noop_arg), ("1 span", one_span_arg)):
+                    key = f"{engine}, {label}"
+                    for ex in variants.values():
+                        _executor_round(ex, fn, max(10, n // 10))  # warm up
+                    for r in range(rounds):
+                        order = list(variants.items())
+                        for name, ex in order[r % 2 :] + order[: r % 2]:
+                            c, w = _executor_round(ex, fn, n)
+                            cpu.setdefault(key, {}).setdefault(name, []).append(c)
+                            wall.setdefault(key, {}).setdefault(name, []).append(w)
+        loky.get_reusable_executor().shutdown(wait=True)
+    for key, per_variant in cpu.items():
+        engine = key.split(",")[0]
+        _table(
+            f"{key}: µs CPU per task, all processes (2 workers, {rounds} rounds)",
+            per_variant,
+            f"bare {engine}",
+            higher_is_better=False,
+        )
+        _table(f"{key}: µs wall time per task", wall[key], f"bare {engine}", higher_is_better=False)
+    ctxprop.flush()
+    shipped = sum(1 for s in exporter.get_finished_spans() if s.name == "task")
+    print(f"worker spans delivered to the parent's exporter by ctxprop (loky + Dask): {shipped}")
+    ctxprop.close()
+
+
 def _table(title: str, data: dict[str, list[float]], base: str, *, higher_is_better: bool) -> None:
     print(f"\n{title}")
     best = max if higher_is_better else min
@@ -211,15 +298,22 @@ def _table(title: str, data: dict[str, list[float]], base: str, *, higher_is_bet
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (< 1 min)")
+    parser.add_argument(
+        "--only", choices=["threads", "processes", "executors"], help="run one part of the benchmark"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    if args.quick:
-        bench_threads(rounds=10, tasks=3000, threads=300)
-        bench_processes(rounds=5, tasks=300)
-    else:
-        bench_threads(rounds=15, tasks=20000, threads=1000)
-        bench_processes(rounds=10, tasks=1000)
+    quick = args.quick
+    if args.only in (None, "threads"):
+        bench_threads(rounds=10, tasks=3000, threads=300) if quick else bench_threads(15, 20000, 1000)
+    if args.only in (None, "processes"):
+        bench_processes(rounds=5, tasks=300) if quick else bench_processes(rounds=10, tasks=1000)
+    if args.only in (None, "executors"):
+        if quick:
+            bench_pickling_executors(rounds=3, tasks=1000, dask_tasks=300)
+        else:
+            bench_pickling_executors(rounds=7, tasks=3000, dask_tasks=1000)
     print(f"\n(python {sys.version.split()[0]}, {time.perf_counter() - started:.1f} s)")
     return 0
 
