@@ -193,3 +193,48 @@ def test_process_pool_log_lines_carry_the_scope_tags_and_nothing_stale(method: s
     for label, rid in (("plain-1", "r-1"), ("plain-2", "r-2"), ("aware-3", "r-3"), ("aware-4", "r-4")):
         assert slog[label] == {"event": label, "request_id": rid}, result.stdout_lines
         assert lines[label] == {"request_id": rid}, result.stdout_lines
+
+
+DASK_CHILD = """
+import json
+import distributed, structlog
+from structlog.testing import capture_logs
+import ctxprop
+
+
+def ctxprop_tags(_, __, event_dict):
+    return {**ctxprop.get_isolation_scope().tags, **ctxprop.get_current_scope().tags, **event_dict}
+
+
+def task(label):
+    # In the Dask worker process: the lines the task writes, through the README's processor.
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars, ctxprop_tags]) as lines:
+        structlog.get_logger().info(label)
+    return lines
+
+
+if __name__ == "__main__":
+    ctxprop.instrument()
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=50) as cluster, \\
+            distributed.Client(cluster) as client:
+        for rid in ("r-5", "r-6"):
+            with ctxprop.isolation_scope():
+                structlog.contextvars.bind_contextvars(bound=rid)
+                ctxprop.set_tag("request_id", rid)
+                print(json.dumps({"rid": rid, "lines": client.submit(task, rid, pure=False).result(60)}),
+                      flush=True)
+                structlog.contextvars.clear_contextvars()
+"""
+
+
+@pytest.mark.slow
+def test_dask_task_log_lines_carry_the_scope_tags() -> None:
+    """Dask Client.submit under instrument() (a LocalCluster with a worker process): the scope tags reach
+    the task's structlog lines through the README's processor; structlog's contextvars stay behind."""
+    pytest.importorskip("distributed")
+    result = run_child(DASK_CHILD, timeout=120)
+    assert result.returncode == 0, result.stderr
+    got = {ln["rid"]: ln["lines"] for ln in result.json_lines if "rid" in ln}
+    for rid in ("r-5", "r-6"):
+        assert got[rid] == [{"event": rid, "log_level": "info", "request_id": rid}], result.stdout_lines
