@@ -165,7 +165,7 @@ def _build_processor(cfg: PipelineConfig, exporter: SpanExporter | None) -> Ctxp
 
 
 def _arm(cfg: PipelineConfig, processor: CtxpropSpanProcessor) -> None:
-    _lifecycle.install(close, handle_signals=cfg.handle_signals, flush=flush)
+    _lifecycle.install(close, handle_signals=cfg.handle_signals, flush=flush, close_timeout=cfg.close_timeout)
     processor.request_replay()
     _adopt_environment()
     _enable_sentry_adapter()
