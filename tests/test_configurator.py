@@ -54,14 +54,14 @@ def _zero_code_env(receiver: OTLPReceiver, tmp_path: Path, configurator: str, **
 
 
 def _uvicorn_under_instrument(
-    receiver: OTLPReceiver, tmp_path: Path, env: dict[str, str]
+    receiver: OTLPReceiver, tmp_path: Path, env: dict[str, str], *extra: str, workers: int = 0
 ) -> tuple[int, list[dict[str, Any]], str]:
     port = free_port()
     argv = [
         str(TOOL), sys.executable, "-m", "uvicorn", "asgi_app:app", "--host", "127.0.0.1",
-        "--port", str(port), "--no-access-log",
+        "--port", str(port), "--no-access-log", *extra,
     ]  # fmt: skip
-    with serve(argv, port=port, env=env, tmp_path=tmp_path) as server:
+    with serve(argv, port=port, env=env, tmp_path=tmp_path, ready_workers=workers) as server:
         answers = drive(server, [f"z{i}" for i in range(N_REQUESTS)])
         server.signal(signal.SIGTERM)
         status = server.wait(20)
@@ -73,25 +73,28 @@ def _without_otel_choice(text: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2], ids=["single", "workers2"])
 def test_sigterm_to_uvicorn_under_the_configurator_delivers_every_span_tagged(
-    receiver: OTLPReceiver, tmp_path: Path
+    receiver: OTLPReceiver, tmp_path: Path, workers: int
 ) -> None:
-    """``OTEL_PYTHON_CONFIGURATOR=ctxprop opentelemetry-instrument uvicorn app:app``, SIGTERM after the
-    requests: every span arrives once, each worker span a child of its request span carrying the scope tag
-    as an attribute; the exit status is the stock configurator's."""
+    """``OTEL_PYTHON_CONFIGURATOR=ctxprop opentelemetry-instrument uvicorn app:app`` (alone and with
+    ``--workers 2``, whose spawned workers configure themselves), SIGTERM after the requests: every span
+    arrives once, each worker span a child of its request span carrying the scope tag as an attribute; the
+    exit status is the stock configurator's."""
+    extra = ("--workers", str(workers)) if workers else ()
     stock_env = _zero_code_env(
         receiver, tmp_path, "configurator", OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="ctxprop"
     )
-    base_status, _, _ = _uvicorn_under_instrument(receiver, tmp_path, stock_env)
+    base_status, _, _ = _uvicorn_under_instrument(receiver, tmp_path, stock_env, *extra, workers=workers)
     receiver.wait_for_spans(N_REQUESTS * 4, 2.0)
     stock_spans = receiver.span_count
     receiver.clear()
     status, answers, err = _uvicorn_under_instrument(
-        receiver, tmp_path, _zero_code_env(receiver, tmp_path, "ctxprop")
+        receiver, tmp_path, _zero_code_env(receiver, tmp_path, "ctxprop"), *extra, workers=workers
     )
     spans = assert_delivered(receiver, answers, VIAS)
     measure(
-        "uvicorn SIGTERM under opentelemetry-instrument",
+        f"uvicorn SIGTERM under opentelemetry-instrument {' '.join(extra)}",
         ctxprop_configurator_spans=f"{len(spans)}/{N_REQUESTS * 4}",
         stock_spans=f"{stock_spans}/{N_REQUESTS * 4}",
         status=serverkit.signal_status(status),
@@ -100,6 +103,8 @@ def test_sigterm_to_uvicorn_under_the_configurator_delivers_every_span_tagged(
     assert status == base_status, err
     assert _without_otel_choice(err) == [], err
     assert {s.service_name for s in spans} == {"zero-code-app"}
+    if workers:
+        assert len({a["pid"] for a in answers}) == workers, "both workers served requests"
 
 
 def _start(script: str, env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
