@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -241,7 +242,7 @@ def _set_global_provider(provider: TracerProvider) -> None:
     # how to have ctxprop's pipeline deliver them instead.
     if isinstance(current, TracerProvider):
         try:
-            current.add_span_processor(ScopeTagSpanProcessor())
+            _tag_once(current)
             _foreign = current
         except Exception:  # noqa: BLE001 - a foreign provider's fault must not fail init()
             _stats.incr("foreign_provider_errors")
@@ -268,13 +269,24 @@ def adopt(provider: object) -> bool:
         if not isinstance(provider, TracerProvider) or provider is _provider or provider is _foreign:
             return False
         try:
-            provider.add_span_processor(ScopeTagSpanProcessor())
+            _tag_once(provider)
         except Exception:  # noqa: BLE001 - a foreign provider's fault must not reach the application
             _stats.incr("foreign_provider_errors")
             return False
         _foreign = provider
     _lifecycle.install(close, handle_signals=True, flush=flush)
     return True
+
+
+# Foreign providers already given a ScopeTagSpanProcessor (by adopt() or an init() after them): an init()
+# after close(), or after the instrumentor adopted the provider, must not stack a second one.
+_tagged: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
+
+
+def _tag_once(provider: TracerProvider) -> None:
+    if provider not in _tagged:
+        provider.add_span_processor(ScopeTagSpanProcessor())
+        _tagged.add(provider)
 
 
 def _flush_foreign(deadline: float) -> None:
