@@ -2,7 +2,9 @@
 
 Bounded by ``max_bytes`` like the disk spool (oldest dropped and counted). Nothing here survives the
 process: what is still held at ``close()`` (the pipeline closes the spool last, after its final replay)
-is counted as dropped under ``spool_dropped_memory_spans``, so the books still balance.
+is counted as dropped. Every span this spool loses (cap or close) is counted twice: in the spool's total
+``spool_dropped_spans`` and in ``spool_dropped_memory_spans``, the key the books use (memory only ever
+holds this process's spans, while the disk spool's total also counts other processes' spans).
 
 >>> spool = MemorySpool("unusable", max_bytes=100, max_age=60)
 >>> spool.append(b"x" * 10, 2)
@@ -92,6 +94,8 @@ class MemorySpool(Spool):
             old = self._records.popleft()
             self._bytes -= len(old.payload)
             _stats.incr("spool_dropped_spans", old.spans)
+            # Memory holds only this process's spans: the books count them dropped under this key.
+            _stats.incr("spool_dropped_memory_spans", old.spans)
             _stats.incr("spool_dropped_segments")
 
     def write_ahead(self, payload: bytes, span_count: int) -> object | None:

@@ -131,3 +131,19 @@ def test_malformed_spool_cap_is_refused_at_init(
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=f"{var}=.*positive number.*inf"):
         ctxprop.init(endpoint="http://127.0.0.1:9/v1/traces")
+
+
+def test_memory_spool_cap_drops_are_counted_as_memory_drops() -> None:
+    """A memory spool over its size cap drops its oldest records under spool_dropped_memory_spans too."""
+    from ctxprop import _stats
+    from ctxprop._spool_memory import MemorySpool
+
+    spool = MemorySpool("nowhere", max_bytes=250, max_age=60)
+    for _ in range(5):
+        spool.append(b"x" * 100, 3)
+    stats = _stats.snapshot()
+    assert stats.get("spool_dropped_memory_spans") == 9
+    assert stats.get("spool_dropped_spans") == 9
+    assert spool.status().spans == 6
+    spool.close()
+    assert _stats.snapshot().get("spool_dropped_memory_spans") == 15
