@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -206,7 +206,8 @@ def _count_field(tag: bytes, n: int, out: list[bytes]) -> None:
 
 
 # -- spans ---------------------------------------------------------------------------------------------------
-_STATUS = {0: b"\x7a\x00", 1: b"\x7a\x02\x18\x01", 2: b"\x7a\x02\x18\x02"}
+_CODE = {code: code.value for code in StatusCode}
+_STATUS = {code: _field(b"\x7a", b"\x18" + _varint(code.value) if code.value else b"") for code in StatusCode}
 
 
 def span_field(span: ReadableSpan) -> bytes:
@@ -243,8 +244,9 @@ def span_field(span: ReadableSpan) -> bytes:
     _count_field(b"\x70", span.dropped_links, out)
     status = span.status
     if status is not None:
-        code, description = status.status_code.value, status.description
-        out.append(_status(code, description) if description else _STATUS[code])
+        # Keyed by the enum member: its .value is a descriptor lookup, several times a dict hit.
+        code, description = status.status_code, status.description
+        out.append(_status(_CODE[code], description) if description else _STATUS[code])
     out.append(_features.flags_remote if parent and parent.is_remote else _features.flags_local)
     return _field(b"\x12", b"".join(out))
 
