@@ -278,6 +278,16 @@ class Load:
         self._thread.join(30)
 
 
+def drive_every_worker(server: Server, prefix: str, n: int, workers: int) -> list[dict[str, Any]]:
+    """Send requests (as ``Load`` does) until at least ``n`` were answered and each of ``workers`` worker
+    processes answered some: the kernel may hand every connection to the same worker."""
+    with Load(server, prefix) as load:
+        assert load.wait_for_pids(workers, 30), server.stderr()
+        assert load.wait_for(n, 30), server.stderr()
+    assert load.failures == [], load.failures[:3]
+    return load.answers
+
+
 def assert_delivered(
     receiver: OTLPReceiver,
     answers: Sequence[dict[str, Any]],

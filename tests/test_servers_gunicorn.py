@@ -21,7 +21,7 @@ from serverkit import (
     Load,
     Server,
     assert_delivered,
-    drive,
+    drive_every_worker,
     free_port,
     measure,
     noise,
@@ -101,7 +101,7 @@ def test_gunicorn_preload_delivers_every_worker_span(
     for telemetry in ("stock", "ctxprop"):
         receiver.clear()
         with _start(receiver, tmp_path, telemetry, "--preload", *extra, APP_INIT=where) as server:
-            answers = drive(server, [f"{telemetry[0]}{i}" for i in range(40)], keep_alive=False)
+            answers = drive_every_worker(server, telemetry[0], 40, 2)
             server.signal(sig)
             runs[telemetry] = (server.wait(30), server.stderr())
             _count(receiver, telemetry, answers)
@@ -158,3 +158,23 @@ def test_gunicorn_max_requests_recycling_delivers_every_span(receiver: OTLPRecei
             _count(receiver, telemetry, answers)
             assert load.failures == [], load.failures[:3]
     _compare("gunicorn --max-requests 8", receiver, answers, runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", [False, True], ids=["import-in-worker", "preload"])
+def test_gunicorn_ctrl_c_to_process_group_delivers_every_span(
+    receiver: OTLPReceiver, tmp_path: Path, preload: bool
+) -> None:
+    """Ctrl-C in a terminal (SIGINT to the whole process group: master and workers at once; UvicornWorker
+    re-raises SIGINT with its default action): every span once, exit status as without ctxprop."""
+    runs: dict[str, tuple[int, str]] = {}
+    answers: list[dict[str, Any]] = []
+    extra = ("--preload",) if preload else ()
+    for telemetry in ("stock", "ctxprop"):
+        receiver.clear()
+        with _start(receiver, tmp_path, telemetry, *extra) as server:
+            answers = drive_every_worker(server, telemetry[0], 40, 2)
+            server.signal(signal.SIGINT, group=True)
+            runs[telemetry] = (server.wait(30), server.stderr())
+            _count(receiver, telemetry, answers)
+    _compare(f"gunicorn Ctrl-C to the group {'--preload' if preload else ''}", receiver, answers, runs)

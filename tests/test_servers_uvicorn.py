@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 import serverkit
 import support
-from serverkit import Load, assert_delivered, drive, free_port, measure, noise, serve, telemetry_env
+from serverkit import (
+    assert_delivered,
+    drive,
+    drive_every_worker,
+    free_port,
+    measure,
+    noise,
+    serve,
+    telemetry_env,
+)
 from support import OTLPReceiver
 
 receiver = support.receiver
@@ -40,12 +49,7 @@ def _run(
         _uvicorn(port, *extra), port=port, env=env, tmp_path=tmp_path, ready_workers=workers
     ) as server:
         if workers:
-            # Until each worker answered: the kernel may hand every connection to the same worker.
-            with Load(server, telemetry[0]) as load:
-                assert load.wait_for_pids(workers, 30), server.stderr()
-                assert load.wait_for(N_REQUESTS, 30), server.stderr()
-            answers = load.answers
-            assert load.failures == [], load.failures[:3]
+            answers = drive_every_worker(server, telemetry[0], N_REQUESTS, workers)
         else:
             answers = drive(server, [f"{telemetry[0]}{i}" for i in range(N_REQUESTS)])
         server.signal(sig)
