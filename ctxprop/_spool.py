@@ -21,7 +21,8 @@ request's full timeout. Such a record is kept and sent once more later (at least
 is worse than a duplicate that a backend can recognise by its span id. A request is never cut short by
 the replay's own slicing: ``replay(..., timeout=t)`` starts a request only before ``deadline`` and always
 gives it its whole ``t``; only a caller's hard deadline (``timeout=None``: ``close()``, the CLI) can cut a
-request short, and that is the caller's choice of deadline over certainty.
+request short, and that is the caller's choice of deadline over certainty: such a request is UNCERTAIN
+too, and counted the same way.
 """
 
 from __future__ import annotations
@@ -276,8 +277,8 @@ def attempt(send: Send, payload: bytes, deadline: float, timeout: float | None) 
     """One send of ``payload``: DELIVERED, REJECTED (for good), FAILED (not kept) or UNCERTAIN.
 
     Started only before ``deadline``; it gets ``timeout`` whole when given, else what is left of
-    ``deadline``. An answerless failure that used up a whole budget of ``timeout`` is UNCERTAIN: the
-    collector may hold the request. ``send`` may answer a bool, or an outcome with ``ok`` and
+    ``deadline``. An answerless failure that used up its whole budget is UNCERTAIN: the collector may
+    hold the request. ``send`` may answer a bool, or an outcome with ``ok`` and
     ``permanent`` attributes (the pipeline's sender); an outcome with a bool ``uncertain`` says so itself.
     """
     now = time.monotonic()
@@ -290,8 +291,8 @@ def attempt(send: Send, payload: bytes, deadline: float, timeout: float | None) 
         return FAILED
     verdict = _verdict(answer)
     if verdict is None:
-        # No answer within a whole per-request budget: a timeout after the request may have arrived.
-        timed_out = timeout is not None and time.monotonic() - now >= 0.9 * budget
+        # No answer within the whole budget: a timeout after the request may have arrived.
+        timed_out = time.monotonic() - now >= 0.9 * budget
         verdict = UNCERTAIN if timed_out else FAILED
     return verdict
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,20 @@ def test_a_request_unanswered_within_its_whole_timeout_is_kept_and_counted_uncer
     assert sent == 0
     assert _stats.snapshot().get("spool_uncertain_spans") == 5
     assert spool.status().spans == 10
+
+
+def test_a_request_cut_short_by_the_callers_deadline_is_counted_uncertain(tmp_path: Path) -> None:
+    """With a hard deadline (close(), the CLI) a replayed request the deadline cuts short is UNCERTAIN
+    as well: kept for later and counted, never silently resent as a plain failure."""
+    from ctxprop import _stats
+    from ctxprop._devtools.spool_cli import make_sender
+
+    spool_dir = tmp_path / "spool"
+    fill_spool(spool_dir, 1, 4)
+    with late_answering_receiver(2.0, 2.0) as rx:
+        spool = Spool.open(spool_dir)
+        sent = spool.replay(make_sender(rx.endpoint), time.monotonic() + 0.3)
+        assert rx.wait_for_spans(4, 10)
+    assert sent == 0
+    assert _stats.snapshot().get("spool_uncertain_spans") == 4
+    assert spool.status().spans == 4
