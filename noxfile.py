@@ -21,6 +21,8 @@ PROVIDE = ROOT.parent / "shared" / "pythons" / "provide.sh"
 # The interpreters beyond this machine's own 3.11, as the shared folder names its builds.
 EXTRA = sorted(p.name.split("-")[1] for p in PROVIDE.parent.glob("cpython-*-bookworm-*.tar.xz"))
 
+WHEEL_ONLY = "pydantic-core,hypothesis"
+
 nox.options.default_venv_backend = "none"  # uv makes the venvs (below), with the interpreters named here
 nox.options.sessions = ["lint", "tests-3.11", *(f"tests-{name}" for name in EXTRA), "lowest"]
 
@@ -73,8 +75,9 @@ def _extra_session(name: str) -> None:
             session.skip(f"no {PROVIDE.parent}: interpreter {name} is not available here")
         found = session.run("bash", str(PROVIDE), name, silent=True, external=True)
         python = str(found).strip().splitlines()[-1]
-        # Only the test extra: mypy cannot install on the free-threaded build.
-        _pytest(session, _venv(session, f"tests-{name}", python, "-e", ".[dev]"))
+        # Only the test extra: mypy cannot install on the free-threaded build; packages whose sdists
+        # need Rust crates: their newest release with a wheel for this interpreter.
+        _pytest(session, _venv(session, f"tests-{name}", python, "--only-binary", WHEEL_ONLY, "-e", ".[dev]"))
 
     tests.__doc__ = f"The test suite on {name} (from ../shared/pythons)."
 
