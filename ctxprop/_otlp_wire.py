@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -404,13 +405,24 @@ def calibrate() -> bool:
     # thread. Whoever cannot take it uses the official encoder this time.
     if not _calibrate_lock.acquire(blocking=False):
         return False
+    # The probes make an older official encoder log each attribute it cannot write ("Failed to encode
+    # key ..."): measuring it must not put those records in the application's logs.
+    official_log = logging.getLogger("opentelemetry.exporter.otlp.proto.common._internal")
+    quiet = _Quiet()
+    official_log.addFilter(quiet)
     try:
         if not _calibrated:
             _calibrate_now()
             _calibrated = True
     finally:
+        official_log.removeFilter(quiet)
         _calibrate_lock.release()
     return _features.usable
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
 
 
 def _calibrate_now() -> None:
