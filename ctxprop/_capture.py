@@ -18,7 +18,7 @@ from contextvars import Context, ContextVar, copy_context
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from ctxprop import _stats
-from ctxprop._scopes import CURRENT, ISOLATION, NO_SCOPE, AttrValue, Scope
+from ctxprop._scopes import CURRENT, ISOLATION, AttrValue, Scope
 
 __all__ = [
     "CaptureHook",
@@ -32,6 +32,7 @@ __all__ = [
 
 P = ParamSpec("P")
 _new_object = object.__new__
+_partial = functools.partial
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -249,22 +250,51 @@ def _enter_flat(
     return fn(*args, **kwargs)
 
 
-#: (context, isolation tags, current tags, hook states, function, args, kwargs): a task to run as
-#: ``Context.run(context, _enter, ...)``.
-ContextRunCall = tuple[
-    Context,
-    dict[str, AttrValue],
-    dict[str, AttrValue],
-    tuple[tuple[CaptureHook[Any], Any], ...],
-    Callable[..., Any],
-    tuple[Any, ...],
-    dict[str, Any],
-]
+_context_run: Callable[..., Any] = Context.run
 
 
-def _into_context_run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ContextRunCall | None:
+def submit_captured(
+    submit: Callable[..., T], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> T:
+    """``submit(fn, *args, **kwargs)``, the task bound to the caller's context: the per-task capture of
+    thread pools (``ContextAwareThreadPoolExecutor``, ``instrument()``'s ``submit``), the same state
+    :func:`capture` takes, spread into the pool's own argument tuple.
+
+    Nothing of ours is queued with the task but the captured values themselves: no Snapshot, no bound
+    method, no args tuple (each object a queued task keeps alive costs GC time with thousands queued).
+    The unbound ``Context.run`` is the trampoline (no Python frame of ours per task), and the fresh
+    context is private to this task, so it is run as is, without a second copy.
+    """
+    if type(fn) is _partial:
+        call = _into_context_run(fn, args, kwargs)
+        if call is not None:
+            (ctx, iso, cur, extra), func, fargs, fkwargs = call
+            return submit(_context_run, ctx, _enter_flat, iso, cur, extra, func, *fargs, **fkwargs)
+    return submit(
+        _context_run,
+        copy_context(),
+        _enter_flat,
+        ISOLATION.get()._tags,
+        CURRENT.get()._tags,
+        _capture_extra() if _hooks else (),
+        fn,
+        *args,
+        **kwargs,
+    )
+
+
+def scope_tags() -> tuple[dict[str, AttrValue], dict[str, AttrValue]]:
+    """The tag dicts of the active isolation and current scopes (never changed in place: no copy), for the
+    portable envelope and the subprocess environment; in-process captures take them in :func:`capture`."""
+    return ISOLATION.get()._tags, CURRENT.get()._tags
+
+
+def _into_context_run(
+    fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Snapshot, Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None:
     """For ``fn`` = ``functools.partial(ctx.run, func, *a, **kw)`` (what ``asyncio.to_thread`` hands to
-    ``run_in_executor``): the same call run in ``ctx`` itself with scopes forked from ``ctx``'s, else None.
+    ``run_in_executor``): (a capture taken inside ``ctx``, func, args, kwargs), so the call runs in a copy of
+    ``ctx`` with scopes forked from ``ctx``'s; else None.
 
     Captured as usual, such a task would run ``ctx.run`` inside the fresh copy, and ``ctx`` holds the
     awaiting task's own scope objects, unforked: the thread's tag writes would reach the awaiting task.
@@ -274,19 +304,11 @@ def _into_context_run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if type(ctx) is not Context or getattr(bound, "__name__", None) != "run" or not fn.args:
         return None
     try:
-        # Hooks capture inside ctx: that is the context the caller meant the call to run in.
-        extra = ctx.run(_capture_extra) if _hooks else ()
+        # Scopes and hooks capture inside ctx: that is the context the caller meant the call to run in.
+        snap: Snapshot = ctx.run(capture)
     except RuntimeError:  # ctx is entered (here or in another thread): leave the call as it was made
         return None
-    return (
-        ctx,
-        ctx.get(ISOLATION, NO_SCOPE)._tags,
-        ctx.get(CURRENT, NO_SCOPE)._tags,
-        extra,
-        fn.args[0],
-        (*fn.args[1:], *args),
-        {**fn.keywords, **kwargs},
-    )
+    return (snap, fn.args[0], (*fn.args[1:], *args), {**fn.keywords, **kwargs})
 
 
 class Snapshot(tuple):  # type: ignore[type-arg]

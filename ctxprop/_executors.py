@@ -7,19 +7,17 @@ import concurrent.futures
 import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextvars import Context, copy_context
+from contextvars import Context
 from typing import Any, ParamSpec, TypeVar
 
 from ctxprop import _capture
-from ctxprop._capture import _capture_extra, _enter_flat, _into_context_run
-from ctxprop._scopes import CURRENT, ISOLATION
+from ctxprop._capture import submit_captured
 
 __all__ = ["ContextAwareExecutor", "ContextAwareThreadPoolExecutor", "run_in_executor_with_context"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_context_run: Callable[..., Any] = Context.run
 _partial = functools.partial
 
 
@@ -78,28 +76,9 @@ class ContextAwareThreadPoolExecutor(ThreadPoolExecutor):
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Schedule ``fn(*args, **kwargs)`` in the caller's context, with forked scopes."""
-        # capture() inlined, and the unbound Context.run handed to the pool instead of a Python
-        # trampoline or a bound method: this is the per-task hot path, where each call level and each
-        # object a queued task keeps alive (the GC walks them all) costs a visible share of a no-op
-        # task's round trip. The fresh copy_context() is private to this task, so no second copy.
+        # ThreadPoolExecutor.submit looked up at each call (so monkeypatches apply), bound to this pool.
         submit = ThreadPoolExecutor.submit if self._stdlib_submit_next else _cooperative_submit
-        if type(fn) is _partial:
-            call = _into_context_run(fn, args, kwargs)
-            if call is not None:
-                ctx, iso, cur, extra, func, fargs, fkwargs = call
-                return submit(self, _context_run, ctx, _enter_flat, iso, cur, extra, func, *fargs, **fkwargs)
-        return submit(
-            self,
-            _context_run,
-            copy_context(),
-            _enter_flat,
-            ISOLATION.get()._tags,
-            CURRENT.get()._tags,
-            _capture_extra() if _capture._hooks else (),
-            fn,
-            *args,
-            **kwargs,
-        )
+        return submit_captured(submit.__get__(self), fn, args, kwargs)
 
 
 def _cooperative_submit(

@@ -47,13 +47,11 @@ from typing import Any
 import wrapt
 
 from ctxprop import _capture, _stats
-from ctxprop._capture import _capture_extra, _enter, _into_context_run
-from ctxprop._scopes import CURRENT, ISOLATION
+from ctxprop._capture import submit_captured
 
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
 
 _lock = threading.Lock()
-_partial = functools.partial  # read per task on the submit path
 _active = False  # read by every wrapper: uninstrument() turns them into pass-throughs at once
 # (owner, attribute, wrapper function) of each patch of ours still in place
 _patches: list[tuple[Any, str, Callable[..., Any]]] = []
@@ -101,48 +99,40 @@ def _propagates_itself(executor: object) -> bool:
     return known
 
 
-# thread-pool type -> whether it pickles its tasks (InterpreterPoolExecutor: a ThreadPoolExecutor whose
-# tasks cross to another interpreter); filled on first sight, like _self_propagating
-_pickling_pools: dict[type, bool] = {}
+# thread-pool type -> _PLAIN, _PROPAGATES (captures by itself) or _PICKLES (InterpreterPoolExecutor: a
+# ThreadPoolExecutor whose tasks cross to another interpreter); filled on first sight of each type
+_PLAIN, _PROPAGATES, _PICKLES = 0, 1, 2
+_pool_kinds: dict[type, int] = {}
 
 
-def _pickles(executor: object) -> bool:
-    cls = type(executor)
-    known = _pickling_pools.get(cls)
-    if known is None:
-        from ctxprop._executors import pickles_tasks
+def _pool_kind(executor: object) -> int:
+    from ctxprop._executors import pickles_tasks
 
-        known = _pickling_pools[cls] = bool(pickles_tasks(executor))
-    return known
+    kind = _PLAIN
+    if _propagates_itself(executor):
+        kind = _PROPAGATES
+    elif pickles_tasks(executor):
+        kind = _PICKLES
+    _pool_kinds[type(executor)] = kind
+    return kind
 
 
 def _submit_wrapper(
     wrapped: Callable[..., Future[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[Any]:
-    if not _active or not args or _propagates_itself(instance):
+    # One dict look-up per task tells a plain pool from one that propagates itself or pickles its tasks.
+    kind = _pool_kinds.get(type(instance))
+    if kind is None:
+        kind = _pool_kind(instance)
+    if not _active or not args or kind == _PROPAGATES:
         return wrapped(*args, **kwargs)
-    if _pickles(instance):
+    if kind == _PICKLES:
         if _carries_envelope(args[0]):
             return wrapped(*args, **kwargs)
         from ctxprop._process_pool import remote_call
 
         return wrapped(remote_call(args[0]), *args[1:], **kwargs)
-    if type(args[0]) is _partial:
-        call = _into_context_run(args[0], args[1:], kwargs)
-        if call is not None:
-            return wrapped(call[0].run, _enter, *call[1:])
-    # Same inlined capture as ContextAwareThreadPoolExecutor.submit: this is the per-task hot path, and
-    # the fresh context's own bound run() is the trampoline (no Python frame of ours per task).
-    return wrapped(
-        copy_context().run,
-        _enter,
-        ISOLATION.get()._tags,
-        CURRENT.get()._tags,
-        _capture_extra() if _capture._hooks else (),
-        args[0],
-        args[1:],
-        kwargs,
-    )
+    return submit_captured(wrapped, args[0], args[1:], kwargs)
 
 
 def _process_submit_wrapper(

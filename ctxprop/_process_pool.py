@@ -29,9 +29,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from ctxprop import _capture, _stats
-from ctxprop._capture import PortableState, _activate_portable, _capture_portable, _enter
+from ctxprop._capture import PortableState, _activate_portable, _capture_portable, _enter, scope_tags
 from ctxprop._fork_context import worker_context
-from ctxprop._scopes import CURRENT, ISOLATION, AttrValue
+from ctxprop._scopes import AttrValue
 from ctxprop._spanwire import WireSpan
 from ctxprop._worker_spans import (
     Returned,
@@ -102,8 +102,7 @@ def _envelope() -> _Envelope:
     return (
         _origin(),
         carrier,
-        ISOLATION.get()._tags,
-        CURRENT.get()._tags,
+        *scope_tags(),
         resource_blob(parent_provider()),
         _capture_portable() if _capture._portable else (),
     )

@@ -19,7 +19,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from ctxprop import _stats
-from ctxprop._scopes import CURRENT, ISOLATION, get_current_scope, get_isolation_scope
+from ctxprop._capture import scope_tags
+from ctxprop._scopes import get_current_scope, get_isolation_scope
 
 __all__ = ["TAGS_ENV", "adopt_environment", "popen_with_context", "run_subprocess", "subprocess_env"]
 
@@ -56,8 +57,7 @@ def subprocess_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
         name = _CARRIER_ENV.get(key.lower())
         if name is not None and value:
             result[name] = value
-    iso = ISOLATION.get()._tags
-    cur = CURRENT.get()._tags
+    iso, cur = scope_tags()
     if iso or cur:
         result[TAGS_ENV] = json.dumps({"isolation": iso, "current": cur}, separators=(",", ":"))
     else:
