@@ -39,9 +39,9 @@ from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
-from ctxprop._export import OTLPSender, quiet_official_loggers  # noqa: E402
 from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
 from ctxprop._spool import Spool  # noqa: E402
+from ctxprop._transport import OTLPSender, quiet_official_loggers  # noqa: E402
 
 TARGET = 1.3
 BATCH = 512

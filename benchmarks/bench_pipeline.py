@@ -39,10 +39,10 @@ from opentelemetry.sdk.resources import Resource  # noqa: E402
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 
-from ctxprop._export import OTLPSender, quiet_official_loggers, stable_resource  # noqa: E402
 from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
 from ctxprop._spool import Spool  # noqa: E402
 from ctxprop._tagging import ScopeTagSpanProcessor  # noqa: E402
+from ctxprop._transport import OTLPSender, quiet_official_loggers, stable_resource  # noqa: E402
 
 RECEIVER = """
 import sys

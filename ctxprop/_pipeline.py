@@ -1,7 +1,7 @@
 """``init()``, ``flush()``, ``close()``: one global TracerProvider whose spans reach the collector however
 the process ends.
 
-``init()`` resolves the configuration (``_config``), builds the OTLP sender (``_export``) and ctxprop's
+``init()`` resolves the configuration (``_config``), builds the OTLP sender (``_transport``) and ctxprop's
 batching processor (``_processor``) behind the scope-tag processor, opens the spool, and arms the endings
 (``_lifecycle``). ``flush()`` and ``close()`` work in the calling thread against one deadline and never
 raise.
@@ -115,7 +115,7 @@ def init(
         )
         if exporter is not None and not callable(getattr(exporter, "export", None)):
             raise ValueError(f"init(exporter={exporter!r}): expected an OpenTelemetry SpanExporter")
-        from ctxprop._export import quiet_official_loggers
+        from ctxprop._transport import quiet_official_loggers
 
         quiet_official_loggers()
         from ctxprop._noise import install_attribute_filter
@@ -124,7 +124,7 @@ def init(
         attrs: dict[str, Any] = dict(cfg.resource_attributes)
         if service_name is not None:
             attrs[SERVICE_NAME] = service_name
-        from ctxprop._export import stable_resource
+        from ctxprop._transport import stable_resource
 
         resource = stable_resource(Resource.create(attrs))
         processor = _build_processor(cfg, exporter)
@@ -152,7 +152,7 @@ def _build_processor(cfg: PipelineConfig, exporter: SpanExporter | None) -> Ctxp
             schedule_delay=cfg.schedule_delay,
             export_timeout=cfg.export_timeout,
         )
-    from ctxprop._export import OTLPSender
+    from ctxprop._transport import OTLPSender
 
     return CtxpropSpanProcessor(
         sender=OTLPSender(cfg.endpoint, headers=cfg.headers, compression=cfg.compression),
@@ -184,7 +184,7 @@ def attach(provider: TracerProvider, *, exporter: SpanExporter | None = None) ->
         if _provider is not None:
             return False
         cfg = build_config()
-        from ctxprop._export import quiet_official_loggers
+        from ctxprop._transport import quiet_official_loggers
 
         quiet_official_loggers()
         processor = _build_processor(cfg, exporter)

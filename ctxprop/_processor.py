@@ -1,16 +1,23 @@
-"""ctxprop's batching span processor: O(1) ``on_end``, one export thread, nothing silently discarded.
+"""ctxprop's batching span processor: a drop-in ``BatchSpanProcessor`` whose every batch has one owner.
 
-``on_end`` appends to a bounded deque and, when a batch is full, sets an Event; that is all the
-application thread pays. One daemon worker (started lazily, so a forked child gets its own) takes
-batches, encodes each once and sends it. A failed batch is retried with capped backoff that honours
-``Retry-After``; if the collector stays away, the encoded batch goes to the spool (OTLP path) or stays in
-memory within the queue bound (custom exporter), and every span dropped is counted.
+``on_end`` appends to a bounded deque (O(1), never blocks, no lock: ``deque.append`` is atomic with or
+without the GIL) and wakes the export thread when a batch is full. That thread is the only one that
+exports. It is started on demand (the first span, a flush, a spool to replay) and leaves when idle, and a
+fork finds it parked, so ``os.fork()`` after ``init()`` or after ``flush()`` forks a single-threaded
+process (no multi-threaded-fork warning on 3.12+).
 
-``flush_until(deadline)`` runs in the caller's thread under the same export lock as the worker and never
-passes its deadline by more than the time to write leftovers to the spool.
+A span is in exactly one place at a time: the queue; a batch (waiting for its next attempt, or in flight);
+the spool; or settled (exported, rejected, dropped: each counted). Batch moves happen under one lock.
+Retries and give-up follow the delivery policy (``_delivery``); the bytes go out through the transport
+(``_transport``), whose requests end by their deadline.
+
+``flush_until(deadline)`` asks the thread to send everything ended so far and waits for it, never past the
+deadline; at the deadline what is left goes to the spool (the OTLP path) or stays queued (a custom
+exporter; at close it is dropped and counted). A batch still in flight at close is also written to the
+spool, under a lease: if its request is acknowledged after all, that copy is removed again.
 
 >>> from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
->>> p = CtxpropSpanProcessor(exporter=InMemorySpanExporter())
+>>> p = CtxpropSpanProcessor(InMemorySpanExporter())
 >>> p.force_flush(1000)
 True
 >>> p.shutdown()
@@ -18,8 +25,10 @@ True
 
 from __future__ import annotations
 
+import _thread
+import contextlib
+import logging
 import os
-import random
 import threading
 import time
 import weakref
@@ -27,13 +36,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
+import opentelemetry.context as otel_context
+from opentelemetry.context import attach, detach, set_value
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from ctxprop import _stats
+from ctxprop._delivery import Policy, reserve_for_spool
 from ctxprop._encoding import encode
-from ctxprop._export import OK, SendOutcome
+from ctxprop._transport import OK, SendOutcome
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -42,133 +53,258 @@ __all__ = ["CtxpropSpanProcessor"]
 
 Sender = Callable[[bytes, float], SendOutcome]
 
-_BACKOFF_BASE = 0.1
-_BACKOFF_CAP = 5.0
-# A Retry-After longer than this is treated as "collector away": the batch is spooled, not held.
-_RETRY_AFTER_CAP = 30.0
-# How long one batch may keep failing in the background before it is spooled.
-_GIVE_UP_AFTER = 10.0
+_log = logging.getLogger("ctxprop.processor")
+
+# The context key OpenTelemetry's instrumentations check before tracing a call, set around every export so
+# the exporter's own HTTP request is not traced. The API has no public name for it (create_key() makes a
+# unique key each call), so this is the one private name used, with the instrumentations' own fallback;
+# tests/test_processor.py checks that exports run suppressed.
+_SUPPRESS_KEY: str = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
+
+_DEFAULT_QUEUE = 8192
+_DEFAULT_BATCH = 512
+_DEFAULT_DELAY_MS = 1000.0
+_DEFAULT_EXPORT_TIMEOUT_MS = 10000.0
 # Background replay of the spool works in slices so new batches are never held up for long.
 _REPLAY_SLICE = 1.0
 # After a replay the collector refused, probe it again after this long, doubling up to the cap.
 _REPLAY_BACKOFF_START = 2.0
 _REPLAY_BACKOFF_CAP = 60.0
+# How long a fork waits for an idle export thread to leave.
+_PARK_WAIT = 1.0
+# A request still in flight after a flush of at least this budget is not waited for again by close().
+_STALL_BUDGET = 1.0
+
+# Batch owners.
+_WAITING, _SENDING, _SETTLED = "waiting", "sending", "settled"
 
 
 class _Batch:
-    __slots__ = ("attempts", "count", "first_failure", "handle", "not_before", "payload", "spans", "spooled")
+    __slots__ = (
+        "attempts",
+        "copy",
+        "count",
+        "deadline",
+        "first_failure",
+        "handle",
+        "not_before",
+        "on_books",
+        "payload",
+        "seq",
+        "spans",
+        "stalled",
+        "state",
+    )
 
-    def __init__(self, spans: list[ReadableSpan] | None, payload: bytes | None, count: int) -> None:
-        self.spans = spans
-        self.payload = payload
-        self.count = count
+    def __init__(self, spans: list[ReadableSpan], seq: int) -> None:
+        self.spans: list[ReadableSpan] | None = spans
+        self.payload: bytes | None = None
+        self.count = len(spans)
+        self.seq = seq  # position of its first span in the order spans left the queue
+        self.state = _SENDING
         self.attempts = 0
         self.first_failure = 0.0
         self.not_before = 0.0
-        self.handle: Any = None
-        self.spooled = False
+        self.deadline: float | None = None  # a flush's deadline bounds the request made for it
+        self.handle: Any = None  # durable mode: the spool's write-ahead handle
+        self.copy: Any = None  # a spool copy written at close while the batch was in flight
+        self.on_books = "memory"  # where the books count it: memory, spool, or done
+        self.stalled = False
 
 
-def _backoff(attempts: int) -> float:
-    base: float = min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0 ** max(0, attempts - 1))
-    return base * random.uniform(0.8, 1.2)  # noqa: S311
+def _env_int(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        return default  # the SDK logs and falls back to its default; ctxprop falls back silently
+
+
+def _settings(
+    max_queue_size: int | None,
+    schedule_delay_millis: float | None,
+    max_export_batch_size: int | None,
+    export_timeout_millis: float | None,
+) -> tuple[int, float, int, float]:
+    """The SDK's defaulting (argument, else ``OTEL_BSP_*``, else ctxprop's default) and validation."""
+    queue = (
+        int(_env_int("OTEL_BSP_MAX_QUEUE_SIZE", _DEFAULT_QUEUE)) if max_queue_size is None else max_queue_size
+    )
+    delay = (
+        _env_int("OTEL_BSP_SCHEDULE_DELAY", _DEFAULT_DELAY_MS)
+        if schedule_delay_millis is None
+        else schedule_delay_millis
+    )
+    batch = max_export_batch_size
+    if batch is None:
+        batch = min(queue, int(_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _DEFAULT_BATCH)))
+    timeout = export_timeout_millis
+    if timeout is None:
+        timeout = _env_int("OTEL_BSP_EXPORT_TIMEOUT", _DEFAULT_EXPORT_TIMEOUT_MS)
+    _validate(queue, delay, batch)
+    if timeout <= 0:
+        timeout = _DEFAULT_EXPORT_TIMEOUT_MS  # as the SDK: a non-positive timeout means "default"
+    return queue, delay, batch, timeout
+
+
+def _validate(max_queue_size: int, schedule_delay_millis: float, max_export_batch_size: int) -> None:
+    # The same checks and messages as the SDK's BatchSpanProcessor.
+    if max_queue_size <= 0:
+        raise ValueError("max_queue_size must be a positive integer.")
+    if schedule_delay_millis <= 0:
+        raise ValueError("schedule_delay_millis must be positive.")
+    if max_export_batch_size <= 0:
+        raise ValueError("max_export_batch_size must be a positive integer.")
+    if max_export_batch_size > max_queue_size:
+        raise ValueError("max_export_batch_size must be less than or equal to max_queue_size.")
 
 
 class CtxpropSpanProcessor(SpanProcessor):
-    """Batches ended spans and exports them from one background thread.
+    """Batches ended spans and exports them from one background thread; a drop-in ``BatchSpanProcessor``.
 
-    Give it either ``sender`` (ctxprop's OTLP path: encoded bytes, spool on give-up) or ``exporter`` (any
-    OTel ``SpanExporter``). ``init()`` builds and installs it; build one yourself only for a provider you
-    manage by hand.
+    The constructor is the SDK's: ``span_exporter`` (any OTel ``SpanExporter``), ``max_queue_size``,
+    ``schedule_delay_millis``, ``max_export_batch_size``, ``export_timeout_millis``, validated the same way
+    and read from ``OTEL_BSP_*`` when not given. A failing export is retried a bounded number of times
+    within the export timeout, then dropped and counted; ``force_flush()`` and ``shutdown()`` return by
+    their deadline even if ``export()`` blocks. ``init()`` builds one for its own OTLP path (``sender=``,
+    with a spool); build one yourself only for a provider you manage by hand.
 
     >>> from opentelemetry.sdk.trace import TracerProvider
     >>> from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     >>> provider = TracerProvider()
-    >>> provider.add_span_processor(CtxpropSpanProcessor(exporter=InMemorySpanExporter()))
+    >>> provider.add_span_processor(CtxpropSpanProcessor(InMemorySpanExporter(), max_export_batch_size=100))
 
     .. versionadded:: 0.1.0
     """
 
     def __init__(
         self,
+        span_exporter: SpanExporter | None = None,
+        max_queue_size: int | None = None,
+        schedule_delay_millis: float | None = None,
+        max_export_batch_size: int | None = None,
+        export_timeout_millis: float | None = None,
         *,
         exporter: SpanExporter | None = None,
         sender: Sender | None = None,
         spool: Any = None,
-        max_queue_size: int = 8192,
-        max_export_batch_size: int = 512,
-        schedule_delay: float = 1.0,
-        export_timeout: float = 10.0,
+        schedule_delay: float | None = None,
+        export_timeout: float | None = None,
         durable: bool = False,
-        give_up_after: float = _GIVE_UP_AFTER,
+        give_up_after: float | None = None,
     ) -> None:
+        if span_exporter is not None and exporter is not None and span_exporter is not exporter:
+            raise ValueError("CtxpropSpanProcessor needs exactly one of span_exporter (exporter=) or sender=")
+        exporter = exporter if exporter is not None else span_exporter
         if (exporter is None) == (sender is None):
-            raise ValueError("CtxpropSpanProcessor needs exactly one of exporter= or sender=")
+            raise ValueError("CtxpropSpanProcessor needs exactly one of span_exporter (exporter=) or sender=")
+        queue, delay_ms, batch, timeout_ms = _settings(
+            max_queue_size,
+            schedule_delay_millis if schedule_delay is None else schedule_delay * 1000.0,
+            max_export_batch_size,
+            export_timeout_millis if export_timeout is None else export_timeout * 1000.0,
+        )
         self._exporter = exporter
         self._sender = sender
         self._spool = spool if sender is not None else None
         self._durable = durable and self._spool is not None
-        self._max_queue = max_queue_size
-        self._limit = max_queue_size  # 0 once shut down: on_end then drops through its one length check
-        self._batch_size = max_export_batch_size
-        self._schedule_delay = schedule_delay
-        self._export_timeout = export_timeout
-        self._give_up_after = give_up_after
+        self._max_queue = int(queue)
+        self._limit = int(queue)  # 0 once shut down: on_end then drops through its one length check
+        self._batch_size = int(batch)
+        self._schedule_delay = delay_ms / 1000.0
+        self._export_timeout = timeout_ms / 1000.0
+        self._policy = Policy(give_up_after=self._export_timeout if give_up_after is None else give_up_after)
         # Counting never takes a lock: on_end's drop path runs on application threads (often the main
-        # thread), and a SIGTERM handler running close() on top of it, or the worker holding the export
-        # lock, must never wait for a lock that interrupted frame holds. Increments go to a deque (append
-        # is atomic) and are folded into totals by whoever reads them, under a lock no counter takes.
+        # thread), and a SIGTERM handler running close() on top of it must never wait for a lock that
+        # interrupted frame holds. Increments go to a deque and are folded by whoever reads them.
         self._tally: deque[tuple[str, int]] = deque()
         self._totals: dict[str, int] = {}
         self._fold_lock = threading.Lock()
-        self._init_runtime_state()
+        self._exporter_shut = False
         self._shut = False
-        self._stopping = False
+        self._last_error = ""
+        self._logged_error = False
+        self._init_runtime_state()
+        _stats.register_source(self._books_live)
         if hasattr(os, "register_at_fork"):
             weak = weakref.WeakMethod(self._after_fork_in_child)
+            weak_before = weakref.WeakMethod(self._before_fork)
 
             def _after_in_child() -> None:
                 method = weak()
                 if method is not None:
                     method()
 
-            os.register_at_fork(after_in_child=_after_in_child)
+            def _before() -> None:
+                method = weak_before()
+                if method is not None:
+                    method()
+
+            os.register_at_fork(before=_before, after_in_child=_after_in_child)
 
     def _init_runtime_state(self) -> None:
         self._queue: deque[ReadableSpan] = deque()
-        self._pending: deque[_Batch] = deque()
-        self._pending_spans = 0
+        # RLock: a signal handler's close() may run on a thread that is inside one of these sections.
+        self._lock = threading.RLock()
+        self._waiting: list[_Batch] = []  # batches owned by the processor between attempts, oldest first
         self._inflight: _Batch | None = None
-        self._export_lock = threading.Lock()
-        # Who holds the export lock, and what that holder took out of the queue: spans being encoded
-        # (_held) and the batch being delivered (_current). A signal handler that interrupted the holder on
-        # its own thread cannot wait for the lock; it takes these over instead (_abandoned_to_spool).
-        self._owner: int | None = None
-        self._held: list[ReadableSpan] | None = None
-        self._current: _Batch | None = None
-        # One replay at a time in this process: close() must wait for a background replay that holds
-        # leased segments rather than exit under it.
-        self._replay_lock = threading.Lock()
-        self._start_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._signalled = False
-        self._worker: threading.Thread | None = None
-        self._worker_started = False
+        self._memory_spans = 0  # spans in batches the books count as in memory
+        self._undelivered = 0  # batches spooled or dropped so far: a flush that saw one did not deliver all
+        self._taken = 0  # spans taken out of the queue so far
+        self._flush_seq = 0  # a flush waits until every span before this position is settled
+        self._flush_deadline: float | None = None
+        self._last_cut = time.monotonic()
+        # A wake-up is one C call (release of a lock the thread waits on): safe from signal handlers and
+        # without the GIL. Waiters of flush() each wait on a lock of their own the same way.
+        self._wake = _thread.allocate_lock()
+        self._wake.acquire()
+        self._waiters: list[Any] = []
+        self._start_lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._driver: int | None = None  # the thread exporting right now (the worker, or inline)
+        self._gen = getattr(self, "_gen", 0) + 1
+        self._park = False
+        self._stopping = False
         self._start_retry_at = 0.0
         self._down = False
+        self._replay_lock = threading.Lock()
         self._want_replay = False
         self._replay_at = 0.0
         self._replay_backoff = 0.0
-        self._last_export = time.monotonic()
         self._pid = os.getpid()
 
+    # -- fork ------------------------------------------------------------------------------------------
+    def _before_fork(self) -> None:
+        # An idle export thread leaves before the fork, so the parent forks single-threaded.
+        thread = self._thread
+        if thread is None or thread is threading.current_thread() or self._pid != os.getpid():
+            return
+        with self._lock:
+            if not self._idle():
+                return
+            self._park = True
+        self._poke()
+        thread.join(_PARK_WAIT)
+
     def _after_fork_in_child(self) -> None:
-        # The child must neither export the parent's queued spans nor use its locks or thread.
+        # The child neither exports the parent's spans nor uses its locks or thread; the parent sends them.
+        inherited = self._memory_spans
         self._init_runtime_state()
         self._fold_lock = threading.Lock()
+        if inherited:
+            self._count("spans_ended", -inherited)  # the parent's, not the child's: keep the books balanced
         reset = getattr(self._sender, "reset_after_fork", None)
         if reset is not None:
             reset()
+
+    def _check_pid(self) -> None:
+        # Backup for the at-fork hook (a fork that bypassed it, e.g. through a C extension): a child must
+        # never export what its parent queued.
+        if self._pid != os.getpid():
+            self._after_fork_in_child()
 
     # -- the application thread ------------------------------------------------------------------------
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -182,43 +318,338 @@ class CtxpropSpanProcessor(SpanProcessor):
             self._drop_on_end()
             return
         q.append(span)
-        if len(q) >= self._batch_size and not self._signalled:
-            self._signalled = True
-            self._wake.set()
-        if not self._worker_started:
+        if not self._running:
             self._start_worker()
+        elif len(q) >= self._batch_size:
+            self._poke()
 
     def _drop_on_end(self) -> None:
         self._count("dropped_after_shutdown" if self._shut else "dropped_queue_full", 1)
+        self._count("spans_ended", 1)
 
-    def _check_pid(self) -> None:
-        # Backup for the at-fork hook (a fork that bypassed it, e.g. through a C extension): a child must
-        # never export what its parent queued.
-        if self._pid != os.getpid():
-            self._after_fork_in_child()
+    def _poke(self) -> None:
+        if self._wake.locked():
+            with contextlib.suppress(RuntimeError):  # woken by another thread in between
+                self._wake.release()
 
-    def _start_worker(self) -> None:
+    # -- the export thread's lifecycle -----------------------------------------------------------------
+    def _start_worker(self) -> bool:
+        """Make sure the export thread runs; False when no thread can start now."""
         self._check_pid()
         with self._start_lock:
-            if self._worker_started or time.monotonic() < self._start_retry_at:
-                return
-            self._worker_started = True
-        t = threading.Thread(target=self._run, name="ctxprop-exporter", daemon=True)
-        self._worker = t
+            if self._running:
+                self._poke()
+                return True
+            if self._stopping or time.monotonic() < self._start_retry_at:
+                return False
+            self._running = True
+            self._park = False
+            t = threading.Thread(target=self._run, args=(self._gen,), name="ctxprop-exporter", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:
+                # No new thread now: interpreter shutdown (3.12+ refuses threads in atexit handlers) or a
+                # thread limit. flush()/close() then export in the calling thread; a later span retries.
+                self._running = False
+                self._start_retry_at = time.monotonic() + 1.0
+                self._count("worker_start_errors", 1)
+                return False
+            self._thread = t
+            return True
+
+    def _idle(self) -> bool:
+        """Nothing queued, waiting, in flight or to replay (caller holds the lock)."""
+        return not self._queue and not self._waiting and self._inflight is None and not self._want_replay
+
+    def _leave(self, gen: int) -> bool:
+        """The export thread may leave: stopping, parked, or idle for a schedule delay."""
+        with self._start_lock:
+            if gen != self._gen:
+                return True
+            with self._lock:
+                if not self._stopping and not self._idle():
+                    return False
+            self._running = False
+            self._thread = None
+            return True
+
+    def _run(self, gen: int) -> None:
+        token = attach(set_value(_SUPPRESS_KEY, True))
         try:
-            t.start()
-        except RuntimeError:
-            # No new thread now: interpreter shutdown (Python 3.12+ refuses threads in atexit handlers) or
-            # a thread limit. The spans wait in the queue for flush()/close(), which export in the calling
-            # thread (at exit: ctxprop's own atexit close); a later span tries the worker again.
-            self._worker = None
-            self._start_retry_at = time.monotonic() + 1.0
-            self._worker_started = False
-            self._count("worker_start_errors", 1)
+            idle_since: float | None = None
+            while True:
+                if gen != self._gen or self._stopping:
+                    self._leave(gen)
+                    return
+                job, wait = self._next_job()
+                if job is not None:
+                    idle_since = None
+                    self._drive_one(job)
+                    continue
+                now = time.monotonic()
+                with self._lock:
+                    idle = self._idle()
+                if idle:
+                    idle_since = idle_since if idle_since is not None else now
+                    if (self._park or now - idle_since >= self._schedule_delay) and self._leave(gen):
+                        return
+                    wait = min(wait, max(0.0, idle_since + self._schedule_delay - now))
+                self._wake.acquire(timeout=min(max(0.0, wait), 3600.0))
+        except Exception:  # noqa: BLE001 - the export thread must survive any fault, then leave cleanly
+            self._count("export_errors", 1)
+            self._leave(gen)
+        finally:
+            detach(token)
+            self._notify()
+
+    # -- choosing the next job (under the lock) --------------------------------------------------------
+    def _next_job(self) -> tuple[Any, float]:
+        """(job, 0) to do now, or (None, seconds until something is due)."""
+        with self._lock:
+            now = time.monotonic()
+            wait = self._schedule_delay
+            for batch in self._waiting:
+                if batch.not_before <= now:
+                    self._waiting.remove(batch)
+                    batch.state = _SENDING
+                    self._inflight = batch
+                    return batch, 0.0
+                wait = min(wait, batch.not_before - now)
+            q = self._queue
+            if q:
+                flushing = self._taken < self._flush_seq
+                due = self._last_cut + self._schedule_delay
+                if len(q) >= self._batch_size or flushing or now >= due or self._stopping:
+                    return self._cut(now, flushing), 0.0
+                wait = min(wait, due - now)
+            if self._want_replay and self._spool is not None:
+                if now >= self._replay_at:
+                    self._want_replay = False
+                    return "replay", 0.0
+                wait = min(wait, self._replay_at - now)
+            return None, max(0.0, wait)
+
+    def _cut(self, now: float, flushing: bool) -> _Batch:
+        q = self._queue
+        spans: list[ReadableSpan] = []
+        for _ in range(min(self._batch_size, len(q))):
+            spans.append(q.popleft())
+        batch = _Batch(spans, self._taken)
+        self._taken += len(spans)
+        self._memory_spans += len(spans)
+        self._last_cut = now
+        if flushing and self._flush_deadline is not None and self._spool is not None:
+            # Cut for a flush: its request ends by the flush's deadline, and the batch then goes to the
+            # spool, where a request the worker started on its own keeps its whole export timeout.
+            batch.deadline = self._flush_deadline
+        self._inflight = batch
+        self._count("spans_ended", len(spans))
+        return batch
+
+    # -- one attempt ------------------------------------------------------------------------------------
+    def _drive_one(self, job: Any) -> None:
+        self._driver = threading.get_ident()
+        try:
+            if job == "replay":
+                self._background_replay()
+            else:
+                self._attempt(job)
+        finally:
+            self._driver = None
+            self._notify()
+
+    def _attempt(self, batch: _Batch) -> None:
+        if self._sender is not None and batch.payload is None:
+            if not self._encode(batch):
+                return
+            if self._durable and batch.handle is None:
+                batch.handle = self._spool_call("write_ahead", batch.payload, batch.count)
+        timeout = self._export_timeout
+        if batch.deadline is not None:
+            timeout = min(timeout, batch.deadline - time.monotonic())
+        out = self._send(batch, timeout)
+        now = time.monotonic()
+        if out.ok or out.permanent:
+            self._settle_answered(batch, out)
+            return
+        batch.attempts += 1
+        if batch.attempts == 1:
+            batch.first_failure = now
+        self._count("retried", batch.count)
+        if out.status is None and self._spool is not None:
+            self._down = self._down or batch.attempts >= 2
+        verdict = self._policy.after_failure(
+            attempts=batch.attempts, age=now - batch.first_failure, retry_after=out.retry_after
+        )
+        flush_deadline = batch.deadline if batch.deadline is not None else self._flush_deadline
+        at_deadline = flush_deadline is not None and now + verdict.wait >= flush_deadline
+        if self._spool is not None and (verdict.give_up or self._down or at_deadline or self._stopping):
+            self._to_spool(batch, "gave_up")
+        elif verdict.give_up:
+            self._drop(batch, f"dropped_export_{verdict.reason or 'failed'}")
+        else:
+            with self._lock:
+                if batch.state is _SENDING:
+                    batch.state = _WAITING
+                    batch.not_before = now + verdict.wait
+                    batch.deadline = None
+                    self._inflight = None
+                    self._waiting.append(batch)
+                    self._waiting.sort(key=lambda b: b.seq)
+                    self._enforce_memory_bound()
+
+    def _encode(self, batch: _Batch) -> bool:
+        """Encode once; a span that cannot be encoded is dropped alone, the rest of its batch goes on."""
+        try:
+            payload, count, dropped = encode(batch.spans or [])
+        except Exception:  # noqa: BLE001 - an unencodable batch is counted, never raised
+            self._drop(batch, "dropped_unencodable")
+            return False
+        if dropped:
+            with self._lock:
+                if batch.on_books == "memory":
+                    self._memory_spans -= dropped
+                batch.count = count
+            self._count("dropped_unencodable", dropped)
+        batch.payload = payload
+        batch.spans = None
+        if not count:
+            with self._lock:
+                self._release(batch)
+            return False
+        return True
+
+    def _send(self, batch: _Batch, timeout: float) -> SendOutcome:
+        if self._sender is not None:
+            if timeout <= 0:
+                return SendOutcome(False, retryable=True)
+            return self._sender(batch.payload or b"", timeout)
+        assert self._exporter is not None  # noqa: S101 - one of the two is set by __init__
+        try:
+            result = self._exporter.export(batch.spans or [])
+        except Exception:  # noqa: BLE001 - a custom exporter's fault is a failed attempt
+            return SendOutcome(False, retryable=True)
+        return OK if result is SpanExportResult.SUCCESS else SendOutcome(False, retryable=True)
+
+    # -- settling (each move of a batch happens once, under the lock) ----------------------------------
+    def _release(self, batch: _Batch) -> tuple[str, Any]:
+        """Take ``batch`` out of the processor's care: (where the books had it, its spool copy or None).
+        Caller holds the lock."""
+        batch.state = _SETTLED
+        if self._inflight is batch:
+            self._inflight = None
+        if batch in self._waiting:
+            self._waiting.remove(batch)
+        was = batch.on_books
+        if was == "memory":
+            self._memory_spans -= batch.count
+        batch.on_books = "done"
+        copy, batch.copy = batch.copy, None
+        return was, copy
+
+    def _unbook(self, was: str, n: int) -> None:
+        if was == "spool":
+            self._count("spans_spooled", -n)
+            self._count("spooled", -n)
+        elif was == "abandoned":
+            self._count("dropped_export_abandoned", -n)
+
+    def _settle_answered(self, batch: _Batch, out: SendOutcome) -> None:
+        with self._lock:
+            if batch.state is _SETTLED:
+                return
+            was, copy = self._release(batch)
+        for handle in (batch.handle, copy):
+            if handle is not None:
+                self._spool_call("ack", handle)
+        self._unbook(was, batch.count)
+        if out.permanent:
+            # The collector refused this payload for good (4xx): retrying cannot help; count it.
+            self._count("rejected", batch.count)
+            self._count("spans_rejected", batch.count)
+            self._note_error(f"collector refused a batch of {batch.count} spans (HTTP {out.status})")
+            return
+        rejected = min(batch.count, out.rejected)
+        if rejected or out.message:
+            self._count("rejected", rejected)
+            self._count("spans_rejected", rejected)
+            self._note_error(out.message or f"collector rejected {rejected} spans")
+        self._count("exported", batch.count - rejected)
+        self._count("spans_exported", batch.count - rejected)
+        if self._down or (self._spool is not None and self._spool_call("has_pending")):
+            self._want_replay = True
+            self._replay_at = 0.0
+            self._replay_backoff = 0.0
+        self._down = False
+
+    def _drop(self, batch: _Batch, reason: str) -> None:
+        with self._lock:
+            if batch.state is _SETTLED:
+                return
+            was, copy = self._release(batch)
+        self._undelivered += 1
+        if copy is not None:
+            self._spool_call("release", copy)  # the copy written at close stays: the spool has them now
+            return
+        self._unbook(was, batch.count)
+        self._count(reason, batch.count)
+
+    def _to_spool(self, batch: _Batch, why: str) -> None:
+        """Hand ``batch`` to the spool (its one owner from now on)."""
+        with self._lock:
+            if batch.state is _SETTLED:
+                return
+            was, copy = self._release(batch)
+        self._undelivered += 1
+        if copy is not None:
+            self._spool_call("release", copy)  # the copy written at close becomes the spool's record
+            return
+        if batch.payload is None and not self._encode_for_spool(batch):
+            self._unbook(was, batch.count)
+            return
+        if batch.handle is not None:
+            self._spool_call("release", batch.handle)
+        else:
+            self._spool_call("append", batch.payload or b"", batch.count)
+        if was != "spool":
+            self._unbook(was, batch.count)
+            self._count("spooled", batch.count)
+            self._count("spans_spooled", batch.count)
+
+    def _encode_for_spool(self, batch: _Batch) -> bool:
+        try:
+            payload, count, dropped = encode(batch.spans or [])
+        except Exception:  # noqa: BLE001 - counted, never raised
+            self._count("dropped_unencodable", batch.count)
+            return False
+        self._count("dropped_unencodable", dropped)
+        batch.payload, batch.count = payload, count
+        return count > 0
+
+    def _enforce_memory_bound(self) -> None:
+        # Failed batches held in memory count against the queue bound; the oldest leave first: to the spool
+        # when there is one, else dropped and counted. Caller holds the lock.
+        while len(self._waiting) > 1 and self._memory_spans + len(self._queue) > self._max_queue:
+            old = self._waiting[0]
+            if self._spool is not None:
+                self._to_spool(old, "memory_bound")
+            else:
+                self._drop(old, "dropped_export_failed")
+
+    def _note_error(self, message: str) -> None:
+        self._last_error = message[:512]
+        if not self._logged_error:
+            self._logged_error = True
+            _log.debug("ctxprop export: %s", self._last_error)
+
+    @property
+    def last_error(self) -> str:
+        """The last refusal the collector explained (a partial_success error_message, or an HTTP status)."""
+        return self._last_error
 
     # -- counters --------------------------------------------------------------------------------------
     def _count(self, name: str, n: int) -> None:
-        if n <= 0:
+        if n == 0:
             return
         self._tally.append((name, n))
         _stats.incr(name, n)
@@ -236,6 +667,12 @@ class CtxpropSpanProcessor(SpanProcessor):
                 totals[name] = totals.get(name, 0) + n
             return dict(totals)
 
+    def _books_live(self) -> tuple[int, int]:
+        """(spans queued, spans in batches the books hold in memory): the live part of stats()."""
+        if self._pid != os.getpid():
+            return 0, 0
+        return len(self._queue), self._memory_spans
+
     @property
     def queue_length(self) -> int:
         """Spans waiting in the queue (not yet batched)."""
@@ -244,238 +681,15 @@ class CtxpropSpanProcessor(SpanProcessor):
     @property
     def pending_spans(self) -> int:
         """Spans in batches that failed and wait for a retry."""
-        return self._pending_spans
+        with self._lock:
+            return sum(b.count for b in self._waiting)
 
-    # -- the worker ------------------------------------------------------------------------------------
-    def _is_stopping(self) -> bool:
-        return self._stopping
+    @property
+    def span_exporter(self) -> SpanExporter | None:
+        """The exporter given to the constructor (None on ctxprop's own OTLP path)."""
+        return self._exporter
 
-    def _run(self) -> None:
-        while not self._is_stopping():
-            timeout = self._schedule_delay
-            now = time.monotonic()
-            if self._pending:
-                timeout = max(0.0, min(timeout, self._pending[0].not_before - now))
-            if self._replay_at:
-                if now >= self._replay_at:
-                    self._replay_at = 0.0
-                    self._want_replay = True
-                    timeout = 0.0
-                else:
-                    timeout = min(timeout, self._replay_at - now)
-            timer = not self._wake.wait(timeout)
-            self._wake.clear()
-            if len(self._tally) > 1024:
-                self._fold()  # drops counted while nobody reads the counters stay a short deque
-            self._signalled = False
-            if self._is_stopping():
-                return
-            token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-            try:
-                self._export_lock.acquire()
-                self._owner = threading.get_ident()
-                try:
-                    self._cycle(deadline=None, everything=timer)
-                finally:
-                    self._owner = None
-                    self._export_lock.release()
-                self._background_replay()
-            except Exception:  # noqa: BLE001 - the export thread must survive any exporter fault
-                self._count("export_errors", 1)
-            finally:
-                detach(token)
-
-    def _background_replay(self) -> None:
-        if not self._want_replay or self._spool is None or self._sender is None:
-            return
-        self._want_replay = False
-        if not self._replay_lock.acquire(blocking=False):
-            return
-        try:
-            if not self._spool.has_pending():
-                return
-            # The slice bounds when requests start, never how long one may take: a request cut short
-            # after the collector kept it would be sent again (the spool's replay() explains the edges).
-            sent = self._spool.replay(
-                self._sender, time.monotonic() + _REPLAY_SLICE, timeout=self._export_timeout
-            )
-            self._count("replayed", sent)
-            if not self._spool.has_pending() or self._is_stopping():
-                self._replay_backoff = 0.0
-            elif sent > 0:
-                # Progress: go on with the next slice at once.
-                self._want_replay = True
-                self._wake.set()
-            else:
-                # The collector refused the replay: probe again later, backing off, not in a hot loop.
-                # A successful export re-arms the replay sooner.
-                self._replay_backoff = min(
-                    _REPLAY_BACKOFF_CAP, max(_REPLAY_BACKOFF_START, self._replay_backoff * 2)
-                )
-                self._replay_at = time.monotonic() + self._replay_backoff
-        except Exception:  # noqa: BLE001 - a spool fault must not stop exporting
-            self._count("spool_errors", 1)
-        finally:
-            self._replay_lock.release()
-
-    def request_replay(self) -> None:
-        """Ask the worker to send what the spool holds (after ``init()``, or when the collector is back)."""
-        if self._spool is None:
-            return
-        self._want_replay = True
-        if not self._worker_started:
-            self._start_worker()
-        self._wake.set()
-
-    # -- export cycle (caller holds the export lock) ---------------------------------------------------
-    def _cycle(self, deadline: float | None, everything: bool) -> bool:
-        """Retry due batches, then export the queue. True when nothing is left undelivered."""
-        forced = deadline is not None
-        if self._durable:
-            # Group commit: every queued batch goes to disk now, even while an earlier one backs off, so
-            # kill -9 loses at most one schedule delay of spans.
-            self._write_ahead_queue(everything or forced)
-        while self._pending:
-            batch = self._pending[0]
-            if not forced and batch.not_before > time.monotonic():
-                return False
-            self._current = batch
-            settled = self._deliver(batch, deadline)
-            self._current = None
-            if not settled:
-                return False
-            self._pending.popleft()
-            self._pending_spans -= batch.count
-        q = self._queue
-        while q and (everything or forced or len(q) >= self._batch_size):
-            if forced and time.monotonic() >= deadline:  # type: ignore[operator]
-                return False
-            fresh = self._make_batch(self._take(min(self._batch_size, len(q))))
-            self._current = fresh
-            self._held = None
-            if fresh is None:
-                continue
-            settled = self._deliver(fresh, deadline)
-            self._current = None
-            if not settled:
-                self._pending.append(fresh)
-                self._pending_spans += fresh.count
-                self._enforce_memory_bound()
-                return False
-        return True
-
-    def _write_ahead_queue(self, everything: bool) -> None:
-        q = self._queue
-        while q and (everything or len(q) >= self._batch_size):
-            batch = self._make_batch(self._take(min(self._batch_size, len(q))))
-            if batch is not None:
-                self._pending.append(batch)
-                self._pending_spans += batch.count
-            self._held = None
-        self._enforce_memory_bound()
-
-    def _take(self, n: int) -> list[ReadableSpan]:
-        # Filled in place, so a signal handler that interrupts the encoding still finds these spans.
-        spans: list[ReadableSpan] = []
-        self._held = spans
-        q = self._queue
-        for _ in range(n):
-            spans.append(q.popleft())
-        return spans
-
-    def _make_batch(self, spans: list[ReadableSpan]) -> _Batch | None:
-        if self._sender is None:
-            return _Batch(spans, None, len(spans))
-        try:
-            payload, count, dropped = encode(spans)
-        except Exception:  # noqa: BLE001 - an unencodable batch is counted, never raised
-            self._count("dropped_unencodable", len(spans))
-            return None
-        # A span that cannot be encoded is dropped alone; the rest of its batch goes on.
-        self._count("dropped_unencodable", dropped)
-        if not count:
-            return None
-        batch = _Batch(None, payload, count)
-        if self._durable:
-            batch.handle = self._spool_call("write_ahead", payload, count)
-        return batch
-
-    def _attempt(self, batch: _Batch, timeout: float) -> SendOutcome:
-        self._inflight = batch
-        try:
-            if self._sender is not None:
-                return self._sender(batch.payload or b"", timeout)
-            assert self._exporter is not None  # noqa: S101 - one of the two is set by __init__
-            try:
-                result = self._exporter.export(batch.spans or [])
-            except Exception:  # noqa: BLE001 - a custom exporter's fault is a failed attempt
-                return SendOutcome(False, retryable=True)
-            return OK if result is SpanExportResult.SUCCESS else SendOutcome(False, retryable=True)
-        finally:
-            self._inflight = None
-
-    def _deliver(self, batch: _Batch, deadline: float | None) -> bool:
-        """Send ``batch``, retrying within ``deadline`` (flush) or once (worker). True when it is settled
-        (delivered, rejected, or handed to the spool); False when it must wait for a later retry."""
-        while True:
-            now = time.monotonic()
-            timeout = self._export_timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - now)
-                if timeout <= 0:
-                    return False
-            out = self._attempt(batch, timeout)
-            if batch.spooled:
-                # close() already wrote this in-flight batch to the spool while we were sending it.
-                return True
-            if out.ok or out.permanent:
-                self._settled(batch, out)
-                return True
-            batch.attempts += 1
-            if batch.attempts == 1:
-                batch.first_failure = now
-            self._count("retried", batch.count)
-            wait = out.retry_after if out.retry_after is not None else _backoff(batch.attempts)
-            later = time.monotonic() + wait
-            if deadline is None:
-                return self._defer(batch, wait, later)
-            if later >= deadline or wait > _RETRY_AFTER_CAP:
-                return False
-            if self._spool is not None and out.status is None and (self._down or batch.attempts >= 2):
-                # Unreachable (refused, reset, timed out) twice: at a deadline, the spool is the better
-                # place for these spans than the rest of the caller's time (a short script's exit).
-                self._down = True
-                return False
-            self._sleep(wait)
-
-    def _settled(self, batch: _Batch, out: SendOutcome) -> None:
-        if batch.handle is not None:
-            self._spool_call("ack", batch.handle)
-        if out.permanent:
-            # The collector refused this payload for good (4xx): retrying cannot help; count it.
-            self._count("rejected", batch.count)
-            return
-        self._count("exported", batch.count)
-        if self._down or (self._spool is not None and self._spool_call("has_pending")):
-            self._want_replay = True
-            self._replay_at = 0.0
-            self._replay_backoff = 0.0
-        self._down = False
-
-    def _defer(self, batch: _Batch, wait: float, later: float) -> bool:
-        """Background failure: schedule a retry, or spool the batch when the collector stays away."""
-        too_long = (later - batch.first_failure) > self._give_up_after or wait > _RETRY_AFTER_CAP
-        if self._spool is not None and (self._down or too_long):
-            self._down = True
-            return self._to_spool(batch)
-        batch.not_before = later if wait <= _RETRY_AFTER_CAP else time.monotonic() + _BACKOFF_CAP
-        return False
-
-    def _sleep(self, seconds: float) -> None:
-        # Backoff inside flush: nothing else may wake it, and the caller's deadline bounds it.
-        threading.Event().wait(seconds)
-
-    # -- spool -----------------------------------------------------------------------------------------
+    # -- the spool -------------------------------------------------------------------------------------
     def _spool_call(self, name: str, *args: Any) -> Any:
         try:
             return getattr(self._spool, name)(*args)
@@ -483,127 +697,48 @@ class CtxpropSpanProcessor(SpanProcessor):
             self._count("spool_errors", 1)
             return None
 
-    def _to_spool(self, batch: _Batch) -> bool:
-        if batch.spooled:
-            return True
-        batch.spooled = True
-        if batch.handle is not None:
-            self._spool_call("release", batch.handle)
-        else:
-            self._spool_call("append", batch.payload or b"", batch.count)
-        self._count("spooled", batch.count)
-        return True
-
-    def _enforce_memory_bound(self) -> None:
-        # Failed batches held in memory count against the queue bound; the oldest leave first: to the spool
-        # when there is one, else dropped and counted.
-        while len(self._pending) > 1 and self._pending_spans + len(self._queue) > self._max_queue:
-            old = self._pending.popleft()
-            self._pending_spans -= old.count
-            if self._spool is not None:
-                self._to_spool(old)
+    def _background_replay(self) -> None:
+        if self._spool is None or self._sender is None:
+            return
+        if not self._replay_lock.acquire(blocking=False):
+            return
+        try:
+            if not self._spool.has_pending():
+                self._replay_backoff = 0.0
+                return
+            # The slice bounds when requests start, never how long one may take: a request cut short
+            # after the collector kept it would be sent again (the spool's replay() explains the edges).
+            sent = self._spool.replay(
+                self._sender, time.monotonic() + _REPLAY_SLICE, timeout=self._export_timeout
+            )
+            self._count("replayed", sent)
+            if not self._spool.has_pending() or self._stopping:
+                self._replay_backoff = 0.0
+            elif sent > 0:
+                self._want_replay = True  # progress: go on with the next slice at once
+                self._replay_at = 0.0
             else:
-                self._count("dropped_export_failed", old.count)
-
-    def _leftovers_to_spool(self, locked: bool) -> None:
-        """At a deadline: encode what is still queued or pending and write it to the spool."""
-        if self._spool is None:
-            return
-        if locked:
-            while self._pending:
-                b = self._pending.popleft()
-                self._pending_spans -= b.count
-                self._to_spool(b)
-        elif self._shut:
-            inflight = self._inflight
-            if inflight is not None and inflight.payload is not None:
-                # Closing, and the worker is stuck in a request: its batch may never be answered before
-                # exit. (A plain flush leaves it to the worker: the request may still succeed, and a
-                # spooled copy would then be delivered a second time.)
-                self._to_spool(inflight)
-        q = self._queue
-        while q:
-            spans = []
-            try:
-                for _ in range(min(self._batch_size, len(q))):
-                    spans.append(q.popleft())
-            except IndexError:
-                pass
-            if not spans:
-                break
-            made = self._make_batch(spans)
-            if made is not None:
-                self._to_spool(made)
-
-    def _put_back(self) -> None:
-        held, self._held = self._held, None
-        if held:
-            self._queue.extendleft(reversed(held))
-        cur, self._current = self._current, None
-        if cur is not None and not cur.spooled and (not self._pending or self._pending[0] is not cur):
-            self._pending.appendleft(cur)
-            self._pending_spans += cur.count
-
-    def _abandoned_to_spool(self) -> None:
-        """Closing from a signal handler on top of this thread's own export: spool what that export had
-        taken (spans being encoded, the batch being sent, failed batches) and the queue."""
-        if self._spool is None:
-            return
-        try:
-            held, self._held = self._held, None
-            batches = [b for b in (self._current, *self._pending) if b is not None]
-            self._pending.clear()
-            self._pending_spans = 0
-            for b in batches:
-                self._to_spool(b)
-            if held:
-                made = self._make_batch(list(held))
-                if made is not None:
-                    self._to_spool(made)
-            self._leftovers_to_spool(locked=False)
-        except Exception:  # noqa: BLE001 - runs in a signal handler: never raise
+                # The collector refused the replay: probe again later, backing off, not in a hot loop.
+                # A successful export re-arms the replay sooner.
+                self._replay_backoff = min(
+                    _REPLAY_BACKOFF_CAP, max(_REPLAY_BACKOFF_START, self._replay_backoff * 2)
+                )
+                self._replay_at = time.monotonic() + self._replay_backoff
+                self._want_replay = True
+        except Exception:  # noqa: BLE001 - a spool fault must not stop exporting
             self._count("spool_errors", 1)
-
-    # -- flush / shutdown ------------------------------------------------------------------------------
-    def flush_until(self, deadline: float) -> bool:
-        """Export everything ended so far, in the calling thread, by ``deadline`` (``time.monotonic()``).
-
-        What is still undelivered at the deadline goes to the spool (OTLP path). Never raises.
-        """
-        self._check_pid()
-        if self._owner == threading.get_ident():
-            # A signal handler (SIGTERM -> close() or flush()) interrupted this very thread while it held
-            # the export lock: waiting for that lock would wait for ourselves until the deadline.
-            if self._shut:
-                self._abandoned_to_spool()  # the interrupted export never resumes: the process dies
-            return False
-        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-        try:
-            # Keep a slice of the budget to write leftovers to the spool before the deadline.
-            total = max(0.0, deadline - time.monotonic())
-            work_deadline = deadline - min(0.3, total * 0.1) if self._spool is not None else deadline
-            if not self._export_lock.acquire(timeout=max(0.0, work_deadline - time.monotonic())):
-                self._leftovers_to_spool(locked=False)
-                return False
-            self._owner = threading.get_ident()
-            try:
-                done = self._cycle(deadline=work_deadline, everything=True)
-                if not done:
-                    self._leftovers_to_spool(locked=True)
-                return done
-            except BaseException:
-                # KeyboardInterrupt (or an app's SIGTERM handler's SystemExit) raised in the middle of the
-                # export: what it had taken out of the queue goes back, for the exit's close() to send.
-                self._put_back()
-                raise
-            finally:
-                self._owner = None
-                self._export_lock.release()
-        except Exception:  # noqa: BLE001 - flush is called from atexit and signal handlers: never raise
-            self._count("export_errors", 1)
-            return False
         finally:
-            detach(token)
+            self._replay_lock.release()
+
+    def request_replay(self) -> None:
+        """Ask the export thread to send what the spool holds (after ``init()``, or when the collector is
+        back). Starts no thread when the spool is empty."""
+        if self._spool is None or not self._spool_call("has_pending"):
+            return
+        self._want_replay = True
+        self._replay_at = 0.0
+        self._start_worker()
+        self._poke()
 
     def replay_until(self, deadline: float) -> int:
         """Send spooled payloads until ``deadline``; returns spans delivered."""
@@ -614,14 +749,209 @@ class CtxpropSpanProcessor(SpanProcessor):
         try:
             if time.monotonic() >= deadline or not self._spool_call("has_pending"):
                 return 0
-            sent = self._spool_call("replay", self._sender, deadline) or 0
+            token = attach(set_value(_SUPPRESS_KEY, True))
+            try:
+                sent = self._spool_call("replay", self._sender, deadline) or 0
+            finally:
+                detach(token)
         finally:
             self._replay_lock.release()
         self._count("replayed", int(sent))
         return int(sent)
 
+    # -- flush / shutdown ------------------------------------------------------------------------------
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            with contextlib.suppress(RuntimeError):
+                w.release()
+
+    def _flushed(self, target: int) -> bool:
+        """Every span that left the queue before ``target`` is settled (caller holds the lock)."""
+        if self._taken < target:
+            return False
+        inflight = self._inflight
+        if inflight is not None and inflight.seq < target:
+            return False
+        return not any(b.seq < target for b in self._waiting)
+
+    def flush_until(self, deadline: float, *, closing: bool = False) -> bool:
+        """Export everything ended so far by ``deadline`` (``time.monotonic()``); True when all of it was
+        delivered. What is undelivered at the deadline goes to the spool (OTLP path). Never raises."""
+        try:
+            return self._flush(deadline, closing)
+        except Exception:  # noqa: BLE001 - flush is called from atexit and signal handlers: never raise
+            self._count("export_errors", 1)
+            return False
+
+    def _flush(self, deadline: float, closing: bool) -> bool:
+        self._check_pid()
+        if self._driver == threading.get_ident():
+            # A signal handler interrupted this very thread while it exported inline: waiting for itself
+            # would wait out the deadline. Spool what is left if closing; the interrupted export resumes.
+            if closing:
+                self._leftovers(closing=True)
+            return False
+        total = max(0.0, deadline - time.monotonic())
+        work_deadline = deadline - reserve_for_spool(total) if self._spool is not None else deadline
+        with self._lock:
+            target = self._taken + len(self._queue)
+            undelivered = self._undelivered
+            self._flush_seq = max(self._flush_seq, target)
+            self._flush_deadline = work_deadline
+            if self._flushed(target):
+                return True
+            inflight = self._inflight
+            # One deadline, not two: a request that already outlived a whole flush (a SIGTERM handler's,
+            # say) is not waited for again when the pipeline shuts down; it is copied to the spool at once.
+            stalled = self._shut and inflight is not None and inflight.stalled
+        try:
+            if not stalled:
+                if not self._start_worker():
+                    self._drive_inline(target, work_deadline)
+                self._wait(target, deadline if self._spool is not None else work_deadline)
+            with self._lock:
+                if self._flushed(target):
+                    return self._undelivered == undelivered
+                inflight = self._inflight
+                if inflight is not None and total >= _STALL_BUDGET:
+                    inflight.stalled = True
+            self._leftovers(closing=closing)
+            return False
+        finally:
+            with self._lock:
+                if self._flush_deadline == work_deadline:
+                    self._flush_deadline = None
+
+    def _wait(self, target: int, deadline: float) -> None:
+        while True:
+            w = _thread.allocate_lock()
+            w.acquire()
+            with self._lock:
+                if self._flushed(target):
+                    return
+                self._waiters.append(w)
+            if not self._running and self._driver is None:
+                return  # nobody is exporting (the thread could not start or left): do not wait in vain
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            w.acquire(timeout=remaining)
+
+    def _drive_inline(self, target: int, deadline: float) -> None:
+        """No export thread can start (interpreter shutdown): export in the calling thread."""
+        token = attach(set_value(_SUPPRESS_KEY, True))
+        try:
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if self._flushed(target) or self._driver is not None:
+                        return
+                job, wait = self._next_job()
+                if job is None:
+                    if wait > 0 and time.monotonic() + wait < deadline:
+                        threading.Event().wait(wait)  # a retry's backoff, bounded by the deadline
+                        continue
+                    return
+                if job == "replay":
+                    continue
+                self._drive_one(job)
+        finally:
+            detach(token)
+
+    def _leftovers(self, *, closing: bool) -> None:
+        """At a deadline: the spool takes what is queued or waiting (OTLP path); at close also a leased
+        copy of the batch in flight. A custom exporter's leftovers stay, or at close are dropped."""
+        with self._lock:
+            waiting = list(self._waiting)
+            inflight = self._inflight
+            spans: list[ReadableSpan] = []
+            if self._spool is not None or closing:
+                q = self._queue
+                while q:
+                    try:
+                        spans.append(q.popleft())
+                    except IndexError:
+                        break
+            cut: list[_Batch] = []
+            for i in range(0, len(spans), self._batch_size):
+                chunk = spans[i : i + self._batch_size]
+                b = _Batch(chunk, self._taken)
+                self._taken += len(chunk)
+                self._memory_spans += len(chunk)
+                self._count("spans_ended", len(chunk))
+                b.state = _WAITING
+                cut.append(b)
+        if self._spool is not None:
+            for b in (*waiting, *cut):
+                self._to_spool(b, "deadline")
+            if closing and inflight is not None:
+                self._copy_inflight(inflight)
+            return
+        if closing:
+            for b in (*waiting, *cut):
+                self._drop(b, "dropped_close_timeout")
+            if inflight is not None:
+                self._abandon(inflight)
+
+    def _copy_inflight(self, batch: _Batch) -> None:  # noqa: PLR0911 - each early return is a settled race
+        """Closing while ``batch`` is in flight: write a leased copy to the spool. If the request is then
+        acknowledged the copy is removed; if it fails, or the process ends first, the spool keeps it."""
+        with self._lock:
+            if batch.state is not _SENDING or batch.copy is not None or batch.on_books != "memory":
+                return
+            if batch.handle is not None:
+                # Durable mode: it is on disk already, under this process's lease.
+                self._memory_spans -= batch.count
+                batch.on_books = "spool"
+                self._count("spooled", batch.count)
+                self._count("spans_spooled", batch.count)
+                return
+            payload = batch.payload
+            spans = batch.spans
+        if payload is None:
+            try:
+                payload, count, _ = encode(spans or [])
+            except Exception:  # noqa: BLE001 - the worker counts it when it encodes the batch itself
+                return
+            if count != batch.count:
+                return  # the worker drops the unencodable spans and counts them when it encodes
+        handle = self._spool_call("write_ahead", payload, batch.count)
+        if handle is None:
+            # No lease possible (memory-only spool, too many held): a plain record. Should the request
+            # still succeed, those spans arrive twice; without it they would be lost at exit.
+            with self._lock:
+                if batch.state is not _SENDING:
+                    return
+                self._release(batch)
+            self._spool_call("append", payload, batch.count)
+            self._count("spooled", batch.count)
+            self._count("spans_spooled", batch.count)
+            return
+        with self._lock:
+            if batch.state is _SENDING:
+                batch.copy = handle
+                self._memory_spans -= batch.count
+                batch.on_books = "spool"
+                handle = None
+        if handle is not None:
+            self._spool_call("ack", handle)  # settled meanwhile: the copy is not needed
+            return
+        self._count("spooled", batch.count)
+        self._count("spans_spooled", batch.count)
+
+    def _abandon(self, batch: _Batch) -> None:
+        """Closing while a custom exporter's ``export()`` still runs: count its spans as abandoned (moved
+        to exported or rejected should it return after all)."""
+        with self._lock:
+            if batch.state is not _SENDING or batch.on_books != "memory":
+                return
+            self._memory_spans -= batch.count
+            batch.on_books = "abandoned"
+        self._count("dropped_export_abandoned", batch.count)
+
     def shutdown_until(self, deadline: float) -> bool:
-        """Flush, replay the spool in what remains, then stop the worker. Idempotent; never raises."""
+        """Flush, replay the spool in what remains, then stop the export thread and shut the exporter
+        down. Idempotent; never raises."""
         if self._shut:
             return True
         self._shut = True
@@ -629,23 +959,26 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._limit = 0
         if ok and not self._down:
             self.replay_until(deadline)
-        # Spans that ended while we flushed still get their chance.
-        if self._queue:
-            ok = self.flush_until(deadline) and ok
+        if not ok or self._queue or self._inflight is not None or self._waiting:
+            # Spans that ended meanwhile, and what is still in flight or waiting, against the same deadline.
+            ok = self.flush_until(deadline, closing=True) and ok
         self._stopping = True
-        self._wake.set()
-        worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(max(0.0, min(0.2, deadline - time.monotonic())))
-        if worker is None or not worker.is_alive():
-            self._close_transport()
-            if self._spool is not None:
-                # Nothing writes to the spool any more: what only its memory holds dies with the process,
-                # and close() counts it as dropped (the books balance).
-                self._spool_call("close")
+        self._poke()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, min(0.2, deadline - time.monotonic())))
+        self._shutdown_exporter()
+        if self._spool is not None and (thread is None or not thread.is_alive()):
+            # Nothing writes to the spool any more: what only its memory holds dies with the process, and
+            # close() counts it as dropped (the books balance). (Not while a request still runs: its
+            # late answer must still be able to remove the spool's copy of its batch.)
+            self._spool_call("close")
         return ok
 
-    def _close_transport(self) -> None:
+    def _shutdown_exporter(self) -> None:
+        if self._exporter_shut:
+            return
+        self._exporter_shut = True
         try:
             if self._exporter is not None:
                 self._exporter.shutdown()
@@ -660,23 +993,27 @@ class CtxpropSpanProcessor(SpanProcessor):
         pipeline through fork must not send the parent's spans)."""
         self._shut = True
         self._limit = 0
-        self._queue.clear()
-        self._pending.clear()
-        self._pending_spans = 0
+        with self._lock:
+            self._queue.clear()
+            self._waiting.clear()
+            self._memory_spans = 0
         self._stopping = True
-        self._wake.set()
+        self._poke()
         close = getattr(self._sender, "close", None)
         if close is not None:
             close()
 
     # -- SpanProcessor API -----------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """``TracerProvider.shutdown()`` hook: like ``close()`` with a 3 s deadline."""
-        self.shutdown_until(time.monotonic() + 3.0)
+        """``TracerProvider.shutdown()`` hook: like ``close()``, within the export timeout (at most 30 s)."""
+        self.shutdown_until(time.monotonic() + min(30.0, max(3.0, self._export_timeout)))
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """``TracerProvider.force_flush()`` hook."""
-        return self.flush_until(time.monotonic() + timeout_millis / 1000)
+    def force_flush(self, timeout_millis: int | None = 30000) -> bool:
+        """``TracerProvider.force_flush()`` hook; False after ``shutdown()`` or when not all was sent."""
+        if self._shut:
+            return False
+        millis = 30000 if timeout_millis is None else timeout_millis
+        return self.flush_until(time.monotonic() + millis / 1000)
 
     def export_now(self, spans: Sequence[ReadableSpan]) -> None:
         """Queue already-ended spans (e.g. received from a worker process) as if they had just ended."""

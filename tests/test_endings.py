@@ -354,19 +354,21 @@ ready()
 def test_sigterm_while_main_thread_flushes_keeps_the_batch_it_was_encoding(
     receiver: OTLPReceiver, tmp_path: Path
 ) -> None:
-    """SIGTERM handled while the main thread's own flush() holds the export lock mid-batch: close() does not
-    wait out its deadline for that lock, and the batch being encoded is kept (spooled), not lost."""
+    """SIGTERM handled while the main thread waits in flush() and the export thread is mid-batch (popped,
+    being encoded): close() does not wait out its deadline, and that batch is kept (sent or spooled)."""
     from ctxprop._spool import Spool
 
     body = """
-make_spans("main")
 ENCODE = ("encode", "ctxprop._encoding")
+import threading
 def at_encode(frame, event, arg):
     # ctxprop._encoding.encode(): the batch is popped, not yet sent
     if event == "call" and (frame.f_code.co_name, frame.f_globals["__name__"]) == ENCODE:
         sys.setprofile(None)
         os.kill(os.getpid(), signal.SIGTERM)
-sys.setprofile(at_encode)
+threading.setprofile(at_encode)  # the export thread, started by the first span, encodes
+make_spans("main")
+threading.setprofile(None)
 t0 = time.monotonic()
 ctxprop.flush()
 """
@@ -380,16 +382,18 @@ ctxprop.flush()
 
 
 def test_ctrl_c_during_flush_keeps_the_batch_it_was_encoding(receiver: OTLPReceiver, tmp_path: Path) -> None:
-    """Ctrl-C (KeyboardInterrupt) raised inside flush() while it encodes a batch: those spans go back to the
-    queue, so the exit still delivers all of them; the status stays Python's own."""
+    """Ctrl-C (KeyboardInterrupt) raised inside flush() while a batch is being encoded: those spans are not
+    lost, so the exit still delivers all of them; the status stays Python's own."""
     body = """
-make_spans("main")
 ENCODE = ("encode", "ctxprop._encoding")
+import threading
 def at_encode(frame, event, arg):
     if event == "call" and (frame.f_code.co_name, frame.f_globals["__name__"]) == ENCODE:
         sys.setprofile(None)
         os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt, raised in the middle of the flush
-sys.setprofile(at_encode)
+threading.setprofile(at_encode)  # the export thread, started by the first span, encodes
+make_spans("main")
+threading.setprofile(None)
 ctxprop.flush()
 """
     kw = ", max_export_batch_size=2000, schedule_delay=60"

@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from support import OTLPReceiver
 
 from ctxprop import _stats
-from ctxprop._export import OTLPSender, SendOutcome
 from ctxprop._processor import CtxpropSpanProcessor
 from ctxprop._spool import Spool
+from ctxprop._transport import OTLPSender, SendOutcome
 
 receiver = support.receiver
 

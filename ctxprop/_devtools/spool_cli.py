@@ -22,8 +22,8 @@ from typing import TextIO
 
 from ctxprop import _stats
 from ctxprop._config import build_config, redact_url
-from ctxprop._export import OTLPSender
 from ctxprop._spool import Spool, SpoolStatus, default_spool_dir
+from ctxprop._transport import OTLPSender
 
 __all__ = ["add_arguments", "make_sender", "run"]
 
