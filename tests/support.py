@@ -24,7 +24,15 @@ import pytest
 
 from ctxprop._devtools.receiver import OTLPReceiver, ReceivedSpan
 
-__all__ = ["REPO", "ChildResult", "OTLPReceiver", "ReceivedSpan", "receiver", "run_child"]
+__all__ = [
+    "REPO",
+    "ChildResult",
+    "OTLPReceiver",
+    "ReceivedSpan",
+    "assert_books_balance",
+    "receiver",
+    "run_child",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -168,3 +176,18 @@ def run_child(
         )
     finally:
         os.unlink(path)
+
+
+def assert_books_balance(stats: dict[str, int], *, ended: int | None = None) -> None:
+    """The books balance: ``spans_ended`` = exported + rejected + dropped + pending, ``spans_dropped`` is the
+    sum of the per-reason ``dropped_*`` keys, and (given ``ended``) that many spans ended."""
+    def get(key: str) -> int:
+        return int(stats.get(key, 0))
+
+    reasons = sum(int(v) for k, v in stats.items() if k.startswith("dropped_"))
+    assert get("spans_dropped") == reasons, stats
+    assert get("spans_ended") == (
+        get("spans_exported") + get("spans_rejected") + get("spans_dropped") + get("spans_pending")
+    ), stats
+    if ended is not None:
+        assert get("spans_ended") == ended, stats
