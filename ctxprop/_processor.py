@@ -139,7 +139,7 @@ def _settings(
     )
     batch = max_export_batch_size
     if batch is None:
-        batch = min(queue, int(_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _DEFAULT_BATCH)))
+        batch = int(_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _DEFAULT_BATCH))
     timeout = export_timeout_millis
     if timeout is None:
         timeout = _env_int("OTEL_BSP_EXPORT_TIMEOUT", _DEFAULT_EXPORT_TIMEOUT_MS)
@@ -279,6 +279,11 @@ class CtxpropSpanProcessor(SpanProcessor):
     # -- fork ------------------------------------------------------------------------------------------
     def _before_fork(self) -> None:
         # An idle export thread leaves before the fork, so the parent forks single-threaded.
+        self._park_if_idle(time.monotonic() + _PARK_WAIT)
+
+    def _park_if_idle(self, deadline: float) -> None:
+        """Let an idle export thread leave now and wait for it (by ``deadline``): after a flush or before
+        a fork no thread of ours is alive. The next span starts one again."""
         thread = self._thread
         if thread is None or thread is threading.current_thread() or self._pid != os.getpid():
             return
@@ -287,7 +292,7 @@ class CtxpropSpanProcessor(SpanProcessor):
                 return
             self._park = True
         self._poke()
-        thread.join(_PARK_WAIT)
+        thread.join(max(0.0, deadline - time.monotonic()))
 
     def _after_fork_in_child(self) -> None:
         # The child neither exports the parent's spans nor uses its locks or thread; the parent sends them.
@@ -799,20 +804,27 @@ class CtxpropSpanProcessor(SpanProcessor):
             undelivered = self._undelivered
             self._flush_seq = max(self._flush_seq, target)
             self._flush_deadline = work_deadline
-            if self._flushed(target):
-                return True
+            already = self._flushed(target)
             inflight = self._inflight
             # One deadline, not two: a request that already outlived a whole flush (a SIGTERM handler's,
             # say) is not waited for again when the pipeline shuts down; it is copied to the spool at once.
             stalled = self._shut and inflight is not None and inflight.stalled
+        if already:
+            self._flush_deadline = None
+            self._park_if_idle(deadline)
+            return True
         try:
             if not stalled:
                 if not self._start_worker():
                     self._drive_inline(target, work_deadline)
                 self._wait(target, deadline if self._spool is not None else work_deadline)
             with self._lock:
-                if self._flushed(target):
-                    return self._undelivered == undelivered
+                flushed = self._flushed(target)
+                delivered = self._undelivered == undelivered
+            if flushed:
+                self._park_if_idle(deadline)
+                return delivered
+            with self._lock:
                 inflight = self._inflight
                 if inflight is not None and total >= _STALL_BUDGET:
                     inflight.stalled = True
