@@ -379,6 +379,8 @@ class CtxpropSpanProcessor(SpanProcessor):
             return True
 
     def _run(self, gen: int) -> None:
+        # A partial batch waits a whole schedule delay from when the thread runs, as from a cut.
+        self._last_cut = time.monotonic()
         token = attach(set_value(_SUPPRESS_KEY, True))
         try:
             idle_since: float | None = None
