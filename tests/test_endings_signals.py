@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from support import OTLPReceiver, child_env, receiver, run_child  # noqa: F401
+from support import OTLPReceiver, assert_books_balance, child_env, receiver, run_child  # noqa: F401
 from test_endings import _assert_all, _code, _env
 
 # Long schedule delay: the spans wait in the queue, so only an ending that flushes delivers them.
@@ -74,6 +75,8 @@ make_spans("after")
 ctxprop.flush(5)
 default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 print(json.dumps({"pid": os.getpid(), "alive": True, "handler_is_default": default}), flush=True)
+ctxprop.close()
+print(json.dumps({"stats": ctxprop.stats()}), flush=True)
 """
 
 
@@ -103,6 +106,9 @@ def test_sigterm_to_pid_1_is_ignored_as_without_ctxprop_and_the_pipeline_stays_o
     assert '"handler_is_default": true' in proc.stdout
     _assert_all(receiver, "before")
     _assert_all(receiver, "after")
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])["stats"]
+    assert_books_balance(stats, ended=2000)
+    assert stats["spans_exported"] == 2000
 
 
 HANDLED_TERM = """
@@ -119,7 +125,8 @@ while not stop and time.monotonic() < end:
 REPORT_AT_EXIT = """
 import atexit, json, time
 def _report():  # registered before init(): runs after ctxprop's own close at exit
-    print(json.dumps({"exit_after_ready_s": time.monotonic() - T0}), flush=True)
+    import ctxprop
+    print(json.dumps({"exit_after_ready_s": time.monotonic() - T0, "stats": ctxprop.stats()}), flush=True)
 atexit.register(_report)
 """
 
@@ -143,3 +150,5 @@ def test_sigterm_with_a_hanging_collector_costs_one_deadline_not_two(tmp_path: P
     from ctxprop._spool import Spool
 
     assert Spool.open(tmp_path / "spool").status().spans == 1000
+    assert_books_balance(res.last("stats"), ended=1000)
+    assert res.last("stats")["spans_pending"] == 1000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from support import run_child
+from support import assert_books_balance, run_child
 
 
 def test_a_span_with_100k_attributes_prints_at_most_one_line_and_counts_the_rest() -> None:
@@ -29,3 +29,4 @@ print(json.dumps({"dropped": [s.dropped_attributes for s in spans], "stats": ctx
     assert result.stderr.count("Attributes dict is full") <= 1
     assert result.last("dropped") == [99_872, 99_872]
     assert result.last("stats").get("span_attributes_dropped") == 2 * 99_872
+    assert_books_balance(result.last("stats"), ended=2)

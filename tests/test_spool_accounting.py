@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import child_env, run_child
+from support import assert_books_balance, child_env, run_child
 
 SPANS = 2000
 
@@ -52,6 +52,9 @@ def assert_all_accounted(out: dict[str, Any], ended: int) -> None:
     stats = out["stats"]
     assert stats.get("exported", 0) == 0
     assert ended == stats.get("rejected", 0) + dropped(stats) + out["on_disk"], stats
+    # The pipeline's books say the same: what waits in the spool on disk is pending, the rest dropped.
+    assert_books_balance(stats, ended=ended)
+    assert stats["spans_pending"] == out["on_disk"], stats
 
 
 def test_memory_only_spool_counts_what_it_held_as_dropped_at_close(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from collectors import duplicates, late_answering_receiver
-from support import run_child
+from support import assert_books_balance, run_child
 from test_spool_processes import fill_spool
 
 from ctxprop._spool import Spool
@@ -57,6 +57,7 @@ def test_background_replay_sends_no_span_twice_through_a_late_collector(
     assert dups == 0
     assert received == SPANS
     assert stats.get("spool_replayed_spans") == SPANS
+    assert_books_balance(stats, ended=0)  # the replayer ended no span of its own
     assert Spool.open(spool_dir).status().spans == 0
 
 
