@@ -21,6 +21,7 @@ from serverkit import (
     Load,
     Server,
     assert_delivered,
+    drive,
     drive_every_worker,
     free_port,
     measure,
@@ -178,3 +179,30 @@ def test_gunicorn_ctrl_c_to_process_group_delivers_every_span(
             runs[telemetry] = (server.wait(30), server.stderr())
             _count(receiver, telemetry, answers)
     _compare(f"gunicorn Ctrl-C to the group {'--preload' if preload else ''}", receiver, answers, runs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="the multi-threaded fork() warning exists from 3.12")
+def test_gunicorn_preload_master_forks_without_multithreaded_warning(
+    receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """--preload: init() in the master leaves no thread running there, so neither the first workers' fork
+    nor a HUP's (after requests were served) warns "multi-threaded, use of fork() may lead to deadlocks"."""
+    port = free_port()
+    env = telemetry_env(receiver, "ctxprop", tmp_path, PYTHONWARNINGS="always::DeprecationWarning")
+    with serve(
+        _gunicorn(port, "--preload"), port=port, env=env, tmp_path=tmp_path, ready_workers=2
+    ) as server:
+        answers = drive(server, [f"a{i}" for i in range(10)], keep_alive=False)
+        old = server.worker_pids()
+        server.signal(signal.SIGHUP)
+        _wait_workers_replaced(server, old, 30)
+        answers += drive(server, [f"b{i}" for i in range(10)], keep_alive=False)
+        server.signal(signal.SIGTERM)
+        status = server.wait(30)
+        err = server.stderr()
+    warned = [ln for ln in err.splitlines() if "multi-threaded" in ln]
+    measure("gunicorn --preload fork warnings", warnings=len(warned), status=status)
+    assert warned == [], err
+    assert status == 0, err
+    assert_delivered(receiver, answers, VIAS)
