@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import multiprocessing
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import run_child
 
 import ctxprop
 from ctxprop import _capture, _scopes
@@ -230,19 +232,36 @@ def test_initializer_runs_in_a_clean_context() -> None:
     assert seen.result(timeout=30) == ("-", True, False, "x")
 
 
-def test_initializer_in_clean_context_even_when_threads_inherit() -> None:
-    """The initializer's context is empty even if the thread starts inside the submitter's context."""
-    REQUEST_ID.set("submitter")
-    seen: Future[str] = Future()
-    pool = ctxprop.ContextAwareThreadPoolExecutor(
-        max_workers=1, initializer=lambda: seen.set_result(REQUEST_ID.get())
-    )
-    # Simulate an inheriting thread start (3.14 free-threaded, or instrument()): run the initializer
-    # wrapper from inside the submitter's context, as such a thread would.
-    wrapper, args = pool._initializer, pool._initargs  # type: ignore[attr-defined]
-    contextvars.copy_context().run(wrapper, *args)
-    pool.shutdown()
-    assert seen.result(timeout=30) == "-"
+INHERITING_POOL = """
+import contextvars, json, sys, threading
+from concurrent.futures import Future
+import ctxprop
+REQUEST_ID = contextvars.ContextVar("request_id", default="-")
+REQUEST_ID.set("submitter")
+plain = []
+thread = threading.Thread(target=lambda: plain.append(REQUEST_ID.get()))
+thread.start()
+thread.join()
+seen = Future()
+pool = ctxprop.ContextAwareThreadPoolExecutor(
+    max_workers=1, initializer=lambda: seen.set_result(REQUEST_ID.get())
+)
+task = pool.submit(REQUEST_ID.get).result(timeout=30)
+pool.shutdown()
+print(json.dumps({"plain_thread": plain[0], "initializer": seen.result(timeout=30), "task": task}))
+"""
+
+
+@pytest.mark.parametrize("inherit", ["0", "1"])
+def test_initializer_in_clean_context_even_when_threads_inherit(inherit: str) -> None:
+    """With PYTHON_THREAD_INHERIT_CONTEXT=0/1 (3.14+: pool threads start in a copy of the submitter's
+    context), the initializer's context is empty and the task still gets the submitter's."""
+    res = run_child(INHERITING_POOL, env={"PYTHON_THREAD_INHERIT_CONTEXT": inherit})
+    assert res.returncode == 0, res.stderr
+    inherits = sys.version_info >= (3, 14) and inherit == "1"
+    assert res.last("plain_thread") == ("submitter" if inherits else "-")  # the case is real where it can be
+    assert res.last("initializer") == "-"
+    assert res.last("task") == "submitter"
 
 
 def test_non_callable_initializer_rejected() -> None:

@@ -244,34 +244,71 @@ def test_bind_for_process_with_a_plain_pool(exporter: InMemorySpanExporter) -> N
     assert "doomed" in spans
 
 
-@pytest.mark.usefixtures("fresh_context")
+FORK_WITH_QUEUED_SPANS = """
+import json, multiprocessing, os, sys
+from opentelemetry import trace
+import ctxprop
+
+def task(n):
+    with trace.get_tracer("worker").start_as_current_span(f"task-{n}"):
+        return os.getpid()
+
+ctxprop.init(
+    endpoint=os.environ["EP"],
+    service_name="pool-otlp",
+    spool_dir=os.environ["SPOOL"],
+    handle_signals=False,
+    schedule_delay=30.0,  # keep the parent's spans queued across the fork
+)
+tracer = trace.get_tracer("parent")
+for i in range(50):
+    tracer.start_span(f"before-fork-{i}").end()
+with tracer.start_as_current_span("submit"):
+    pool = ctxprop.ContextAwareProcessPoolExecutor(
+        max_workers=2, mp_context=multiprocessing.get_context("fork")
+    )
+    pids = list(pool.map(task, range(4)))
+pool.shutdown()
+print(json.dumps({"pool_shut": True}), flush=True)
+sys.stdin.readline()  # the parent has counted the task spans
+ctxprop.close(10)
+print(json.dumps({"pids": pids, "me": os.getpid()}))
+"""
+
+
 def test_real_pipeline_forked_workers_do_not_resend_the_parents_queue(
     receiver: OTLPReceiver,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     """Through the real OTLP pipeline: spans queued before a fork are sent once (by the parent only), and
-    worker spans reach the collector before shutdown() returns."""
-    ctxprop.init(
-        endpoint=receiver.endpoint,
-        service_name="pool-otlp",
-        spool_dir=str(tmp_path / "spool"),
-        handle_signals=False,
-        schedule_delay=30.0,  # keep the parent's spans queued across the fork
+    worker spans reach the collector before shutdown() returns. (In a child process of its own: the fork
+    happens with the exporter's spans in flight, never in the test process with its receiver thread.)"""
+    env = child_env({"EP": receiver.endpoint, "SPOOL": str(tmp_path / "spool")})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORK_WITH_QUEUED_SPANS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
-    tracer = trace.get_tracer("parent")
-    for i in range(50):
-        tracer.start_span(f"before-fork-{i}").end()
-    with tracer.start_as_current_span("submit"):
-        pool = ctxprop.ContextAwareProcessPoolExecutor(
-            max_workers=2, mp_context=multiprocessing.get_context("fork")
-        )
-        results = list(pool.map(traced_task, range(4)))
-    pool.shutdown()
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert json.loads(proc.stdout.readline()) == {"pool_shut": True}
+        tasks_at_shutdown = sum(1 for s in receiver.spans if s.name.startswith("task-"))
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert tasks_at_shutdown == 4  # already delivered by shutdown()
+    result = json.loads(out.splitlines()[-1])
     names = [s.name for s in receiver.spans]
-    assert sum(1 for n in names if n.startswith("task-")) == 4  # already delivered by shutdown()
-    ctxprop.close(10)
-    names = [s.name for s in receiver.spans]
-    assert len({r["pid"] for r in results} - {os.getpid()}) >= 1
+    assert len(set(result["pids"]) - {result["me"]}) >= 1
     assert sorted(n for n in names if n.startswith("before-fork-")) == sorted(
         f"before-fork-{i}" for i in range(50)
     )

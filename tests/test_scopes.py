@@ -7,6 +7,7 @@ import contextvars
 import os
 import select
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -385,8 +386,9 @@ def test_forked_child_never_hangs_on_a_lock_held_at_fork(case: str) -> None:
     try:
         assert holding.wait(timeout=30)
         r, w = os.pipe()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
+        # Forking with another thread alive is this test's very point: 3.12+ says so (checked below).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeprecationWarning)
             pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
@@ -405,3 +407,6 @@ def test_forked_child_never_hangs_on_a_lock_held_at_fork(case: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert answer == b"ok"
+    fork_warnings = [w for w in caught if "multi-threaded" in str(w.message)]
+    assert len(fork_warnings) == (1 if sys.version_info >= (3, 12) else 0)
+    assert all(w.category is DeprecationWarning for w in fork_warnings)
