@@ -129,6 +129,9 @@ def test_failed_batches_are_retried_not_discarded(procs: list[CtxpropSpanProcess
     procs.append(proc)
     _make(_provider(proc), 20)
     assert exp.wait_for(20)
+    # The exporter holds the spans before the export thread counts them: with truly parallel threads
+    # (3.13t) the counters are read only once the flush says the batch is settled.
+    assert proc.flush_until(time.monotonic() + 20)
     assert sorted(s.name for s in exp.spans) == sorted(f"s{i}" for i in range(20))
     assert proc.counters["retried"] == 40  # two failed attempts of 20 spans each
     assert proc.counters["exported"] == 20
