@@ -113,7 +113,7 @@ def serve(
     port: int,
     env: dict[str, str],
     tmp_path: Path,
-    ready_timeout: float = 20.0,
+    ready_timeout: float = 40.0,
     ready_workers: int = 0,
 ) -> Iterator[Server]:
     """Start ``argv`` in a new session, wait until ``GET /health`` answers (and, with ``ready_workers``,

@@ -31,6 +31,9 @@ receiver = support.receiver
 
 VIAS = ("pool", "to_thread", "sync_to_async")
 N_REQUESTS = 30
+# uvicorn's supervisor kills and restarts a worker that has not answered its health check within 5 s,
+# over and over on a loaded machine while the worker is still importing: give it longer.
+WORKERS_2 = ("--workers", "2", "--timeout-worker-healthcheck", "30")
 
 
 def _uvicorn(port: int, *extra: str) -> list[str]:
@@ -63,8 +66,8 @@ def _run(
     [
         pytest.param(signal.SIGTERM, (), 0, id="sigterm"),
         pytest.param(signal.SIGINT, (), 0, id="sigint"),
-        pytest.param(signal.SIGTERM, ("--workers", "2"), 2, id="workers2-sigterm"),
-        pytest.param(signal.SIGINT, ("--workers", "2"), 2, id="workers2-sigint"),
+        pytest.param(signal.SIGTERM, WORKERS_2, 2, id="workers2-sigterm"),
+        pytest.param(signal.SIGINT, WORKERS_2, 2, id="workers2-sigint"),
     ],
 )
 def test_uvicorn_ending_delivers_every_span_with_baseline_status(
