@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import multiprocessing
 import os
 import pickle
@@ -446,3 +447,65 @@ def test_with_the_worker_plugin_spans_go_out_through_the_workers_pipeline(
     assert len(home) == 1
     assert home[0].parent is not None
     assert home[0].parent.span_id == after.get_span_context().span_id
+
+
+# --- executors ctxprop knows nothing about ------------------------------------------------------------------
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def request_and_tags(n: int) -> dict[str, Any]:
+    return {"n": n, "request_id": REQUEST_ID.get(), "tags": tags_here()}
+
+
+class Inline(Executor):
+    """An executor of no known kind that runs each task in the calling thread."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+class Delegating(Executor):
+    """An executor of no known kind whose tasks are pickled (it hands them to a process pool)."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.inner.submit(fn, *args, **kwargs)
+
+
+def test_an_unknown_executor_gets_the_context_whether_it_pickles_or_not(
+    pools: dict[str, Executor], exporter: InMemorySpanExporter
+) -> None:
+    """For an executor of no known kind the task is bound to a snapshot: run in this process it sees the
+    whole context (an application ContextVar too); pickled by the executor it becomes the envelope (tags and
+    spans, no ContextVar). Bare, neither sees the tags (the control)."""
+    token = REQUEST_ID.set("r-7")
+    try:
+        ctxprop.set_tag("tenant", "acme")
+        inline = Inline()
+        delegating = Delegating(pools["process"])
+        with trace.get_tracer("test").start_as_current_span("submit") as root:
+            bare = delegating.submit(request_and_tags, 0).result(timeout=60)
+            in_process = ctxprop.ContextAwareExecutor(inline).submit(
+                lambda: (ctxprop.set_tag("tenant", "other"), request_and_tags(1))[1]
+            ).result()
+            pickled = ctxprop.ContextAwareExecutor(delegating).submit(traced, 2).result(timeout=60)
+            wrapped = ctxprop.ContextAwareExecutor(delegating)
+            pickled_ctx = wrapped.submit(request_and_tags, 3).result(timeout=60)
+    finally:
+        REQUEST_ID.reset(token)
+    assert bare["tags"] == {}
+    assert in_process == {"n": 1, "request_id": "r-7", "tags": {"tenant": "other"}}
+    assert ctxprop.get_isolation_scope().tags == TAGS  # the task's tag write stayed in the task
+    assert pickled == {"n": 2, "tags": TAGS}
+    assert pickled_ctx == {"n": 3, "request_id": "-", "tags": TAGS}
+    ctxprop.flush(10)
+    sc = root.get_span_context()
+    spans = [s for s in exporter.get_finished_spans() if s.name == "task-2"]
+    assert len(spans) == 1
+    assert spans[0].parent is not None
+    assert spans[0].parent.span_id == sc.span_id
