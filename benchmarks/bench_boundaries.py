@@ -244,7 +244,7 @@ def bench_pickling_executors(rounds: int, tasks: int, dask_tasks: int) -> None:
     ctxprop.init(exporter=exporter, service_name="bench", handle_signals=False)
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -216,7 +216,7 @@ def task(label):
 if __name__ == "__main__":
     ctxprop.instrument()
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=50) as cluster, \\
+                                  dashboard_address=":0", silence_logs=50) as cluster, \\
             distributed.Client(cluster) as client:
         for rid in ("r-5", "r-6"):
             with ctxprop.isolation_scope():
