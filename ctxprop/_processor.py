@@ -7,9 +7,10 @@ fork finds it parked, so ``os.fork()`` after ``init()`` or after ``flush()`` for
 process (no multi-threaded-fork warning on 3.12+).
 
 A span is in exactly one place at a time: the queue; a batch (waiting for its next attempt, or in flight);
-the spool; or settled (exported, rejected, dropped: each counted). Batch moves happen under one lock.
-Retries and give-up follow the delivery policy (``_delivery``); the bytes go out through the transport
-(``_transport``), whose requests end by their deadline.
+the spool; or settled (exported, rejected, dropped: each counted). Batch moves and the books are
+``_batches``; retries and give-up follow the delivery policy (``_delivery``); the bytes go out through the
+transport (``_transport``), whose requests end by their deadline. This module is the queue, its export
+thread and the flush/shutdown waits.
 
 ``flush_until(deadline)`` asks the thread to send everything ended so far and waits for it, never past the
 deadline; at the deadline what is left goes to the spool (the OTLP path) or stays queued (a custom
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -42,6 +42,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from ctxprop import _stats
+from ctxprop._batches import SENDING, WAITING, Batch, Ledger, settings
 from ctxprop._delivery import Policy, reserve_for_spool
 from ctxprop._encoding import encode
 from ctxprop._transport import OK, SendOutcome
@@ -53,7 +54,6 @@ __all__ = ["CtxpropSpanProcessor"]
 
 Sender = Callable[[bytes, float], SendOutcome]
 
-_log = logging.getLogger("ctxprop.processor")
 
 # The context key OpenTelemetry's instrumentations check before tracing a call, set around every export so
 # the exporter's own HTTP request is not traced. The API has no public name for it (create_key() makes a
@@ -61,11 +61,6 @@ _log = logging.getLogger("ctxprop.processor")
 # tests/test_processor.py checks that exports run suppressed.
 _SUPPRESS_KEY: str = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
 
-_DEFAULT_QUEUE = 8192
-_DEFAULT_BATCH = 512
-_DEFAULT_DELAY_MS = 1000.0
-_DEFAULT_EXPORT_TIMEOUT_MS = 10000.0
-# Background replay of the spool works in slices so new batches are never held up for long.
 _REPLAY_SLICE = 1.0
 # After a replay the collector refused, probe it again after this long, doubling up to the cap.
 _REPLAY_BACKOFF_START = 2.0
@@ -75,93 +70,7 @@ _PARK_WAIT = 1.0
 # A request still in flight after a flush of at least this budget is not waited for again by close().
 _STALL_BUDGET = 1.0
 
-# Batch owners.
-_WAITING, _SENDING, _SETTLED = "waiting", "sending", "settled"
-
-
-class _Batch:
-    __slots__ = (
-        "attempts",
-        "copy",
-        "count",
-        "deadline",
-        "first_failure",
-        "handle",
-        "not_before",
-        "on_books",
-        "payload",
-        "seq",
-        "spans",
-        "stalled",
-        "state",
-    )
-
-    def __init__(self, spans: list[ReadableSpan], seq: int) -> None:
-        self.spans: list[ReadableSpan] | None = spans
-        self.payload: bytes | None = None
-        self.count = len(spans)
-        self.seq = seq  # position of its first span in the order spans left the queue
-        self.state = _SENDING
-        self.attempts = 0
-        self.first_failure = 0.0
-        self.not_before = 0.0
-        self.deadline: float | None = None  # a flush's deadline bounds the request made for it
-        self.handle: Any = None  # durable mode: the spool's write-ahead handle
-        self.copy: Any = None  # a spool copy written at close while the batch was in flight
-        self.on_books = "memory"  # where the books count it: memory, spool, or done
-        self.stalled = False
-
-
-def _env_int(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        return default  # the SDK logs and falls back to its default; ctxprop falls back silently
-
-
-def _settings(
-    max_queue_size: int | None,
-    schedule_delay_millis: float | None,
-    max_export_batch_size: int | None,
-    export_timeout_millis: float | None,
-) -> tuple[int, float, int, float]:
-    """The SDK's defaulting (argument, else ``OTEL_BSP_*``, else ctxprop's default) and validation."""
-    queue = (
-        int(_env_int("OTEL_BSP_MAX_QUEUE_SIZE", _DEFAULT_QUEUE)) if max_queue_size is None else max_queue_size
-    )
-    delay = (
-        _env_int("OTEL_BSP_SCHEDULE_DELAY", _DEFAULT_DELAY_MS)
-        if schedule_delay_millis is None
-        else schedule_delay_millis
-    )
-    batch = max_export_batch_size
-    if batch is None:
-        batch = int(_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _DEFAULT_BATCH))
-    timeout = export_timeout_millis
-    if timeout is None:
-        timeout = _env_int("OTEL_BSP_EXPORT_TIMEOUT", _DEFAULT_EXPORT_TIMEOUT_MS)
-    _validate(queue, delay, batch)
-    if timeout <= 0:
-        timeout = _DEFAULT_EXPORT_TIMEOUT_MS  # as the SDK: a non-positive timeout means "default"
-    return queue, delay, batch, timeout
-
-
-def _validate(max_queue_size: int, schedule_delay_millis: float, max_export_batch_size: int) -> None:
-    # The same checks and messages as the SDK's BatchSpanProcessor.
-    if max_queue_size <= 0:
-        raise ValueError("max_queue_size must be a positive integer.")
-    if schedule_delay_millis <= 0:
-        raise ValueError("schedule_delay_millis must be positive.")
-    if max_export_batch_size <= 0:
-        raise ValueError("max_export_batch_size must be a positive integer.")
-    if max_export_batch_size > max_queue_size:
-        raise ValueError("max_export_batch_size must be less than or equal to max_queue_size.")
-
-
-class CtxpropSpanProcessor(SpanProcessor):
+class CtxpropSpanProcessor(SpanProcessor, Ledger):
     """Batches ended spans and exports them from one background thread; a drop-in ``BatchSpanProcessor``.
 
     The constructor is the SDK's: ``span_exporter`` (any OTel ``SpanExporter``), ``max_queue_size``,
@@ -200,7 +109,7 @@ class CtxpropSpanProcessor(SpanProcessor):
         exporter = exporter if exporter is not None else span_exporter
         if (exporter is None) == (sender is None):
             raise ValueError("CtxpropSpanProcessor needs exactly one of span_exporter (exporter=) or sender=")
-        queue, delay_ms, batch, timeout_ms = _settings(
+        queue, delay_ms, batch, timeout_ms = settings(
             max_queue_size,
             schedule_delay_millis if schedule_delay is None else schedule_delay * 1000.0,
             max_export_batch_size,
@@ -248,8 +157,8 @@ class CtxpropSpanProcessor(SpanProcessor):
         self._queue: deque[ReadableSpan] = deque()
         # RLock: a signal handler's close() may run on a thread that is inside one of these sections.
         self._lock = threading.RLock()
-        self._waiting: list[_Batch] = []  # batches owned by the processor between attempts, oldest first
-        self._inflight: _Batch | None = None
+        self._waiting: list[Batch] = []  # batches owned by the processor between attempts, oldest first
+        self._inflight: Batch | None = None
         self._memory_spans = 0  # spans in batches the books count as in memory
         self._undelivered = 0  # batches spooled or dropped so far: a flush that saw one did not deliver all
         self._taken = 0  # spans taken out of the queue so far
@@ -418,7 +327,7 @@ class CtxpropSpanProcessor(SpanProcessor):
             for batch in self._waiting:
                 if batch.not_before <= now:
                     self._waiting.remove(batch)
-                    batch.state = _SENDING
+                    batch.state = SENDING
                     self._inflight = batch
                     return batch, 0.0
                 wait = min(wait, batch.not_before - now)
@@ -436,12 +345,12 @@ class CtxpropSpanProcessor(SpanProcessor):
                 wait = min(wait, self._replay_at - now)
             return None, max(0.0, wait)
 
-    def _cut(self, now: float, flushing: bool) -> _Batch:
+    def _cut(self, now: float, flushing: bool) -> Batch:
         q = self._queue
         spans: list[ReadableSpan] = []
         for _ in range(min(self._batch_size, len(q))):
             spans.append(q.popleft())
-        batch = _Batch(spans, self._taken)
+        batch = Batch(spans, self._taken)
         self._taken += len(spans)
         self._memory_spans += len(spans)
         self._last_cut = now
@@ -465,7 +374,7 @@ class CtxpropSpanProcessor(SpanProcessor):
             self._driver = None
             self._notify()
 
-    def _attempt(self, batch: _Batch) -> None:
+    def _attempt(self, batch: Batch) -> None:
         if self._sender is not None and batch.payload is None:
             if not self._encode(batch):
                 return
@@ -496,8 +405,8 @@ class CtxpropSpanProcessor(SpanProcessor):
             self._drop(batch, f"dropped_export_{verdict.reason or 'failed'}")
         else:
             with self._lock:
-                if batch.state is _SENDING:
-                    batch.state = _WAITING
+                if batch.state is SENDING:
+                    batch.state = WAITING
                     batch.not_before = now + verdict.wait
                     batch.deadline = None
                     self._inflight = None
@@ -505,7 +414,7 @@ class CtxpropSpanProcessor(SpanProcessor):
                     self._waiting.sort(key=lambda b: b.seq)
                     self._enforce_memory_bound()
 
-    def _encode(self, batch: _Batch) -> bool:
+    def _encode(self, batch: Batch) -> bool:
         """Encode once; a span that cannot be encoded is dropped alone, the rest of its batch goes on."""
         try:
             payload, count, dropped = encode(batch.spans or [])
@@ -526,7 +435,7 @@ class CtxpropSpanProcessor(SpanProcessor):
             return False
         return True
 
-    def _send(self, batch: _Batch, timeout: float) -> SendOutcome:
+    def _send(self, batch: Batch, timeout: float) -> SendOutcome:
         if self._sender is not None:
             if timeout <= 0:
                 return SendOutcome(False, retryable=True)
@@ -537,148 +446,6 @@ class CtxpropSpanProcessor(SpanProcessor):
         except Exception:  # noqa: BLE001 - a custom exporter's fault is a failed attempt
             return SendOutcome(False, retryable=True)
         return OK if result is SpanExportResult.SUCCESS else SendOutcome(False, retryable=True)
-
-    # -- settling (each move of a batch happens once, under the lock) ----------------------------------
-    def _release(self, batch: _Batch) -> tuple[str, Any]:
-        """Take ``batch`` out of the processor's care: (where the books had it, its spool copy or None).
-        Caller holds the lock."""
-        batch.state = _SETTLED
-        if self._inflight is batch:
-            self._inflight = None
-        if batch in self._waiting:
-            self._waiting.remove(batch)
-        was = batch.on_books
-        if was == "memory":
-            self._memory_spans -= batch.count
-        batch.on_books = "done"
-        copy, batch.copy = batch.copy, None
-        return was, copy
-
-    def _unbook(self, was: str, n: int) -> None:
-        if was == "spool":
-            self._count("spans_spooled", -n)
-            self._count("spooled", -n)
-        elif was == "abandoned":
-            self._count("dropped_export_abandoned", -n)
-
-    def _settle_answered(self, batch: _Batch, out: SendOutcome) -> None:
-        with self._lock:
-            if batch.state is _SETTLED:
-                return
-            was, copy = self._release(batch)
-        for handle in (batch.handle, copy):
-            if handle is not None:
-                self._spool_call("ack", handle)
-        self._unbook(was, batch.count)
-        if out.permanent:
-            # The collector refused this payload for good (4xx): retrying cannot help; count it.
-            self._count("rejected", batch.count)
-            self._count("spans_rejected", batch.count)
-            self._note_error(f"collector refused a batch of {batch.count} spans (HTTP {out.status})")
-            return
-        rejected = min(batch.count, out.rejected)
-        if rejected or out.message:
-            self._count("rejected", rejected)
-            self._count("spans_rejected", rejected)
-            self._note_error(out.message or f"collector rejected {rejected} spans")
-        self._count("exported", batch.count - rejected)
-        self._count("spans_exported", batch.count - rejected)
-        if self._down or (self._spool is not None and self._spool_call("has_pending")):
-            self._want_replay = True
-            self._replay_at = 0.0
-            self._replay_backoff = 0.0
-        self._down = False
-
-    def _drop(self, batch: _Batch, reason: str) -> None:
-        with self._lock:
-            if batch.state is _SETTLED:
-                return
-            was, copy = self._release(batch)
-        self._undelivered += 1
-        if copy is not None:
-            self._spool_call("release", copy)  # the copy written at close stays: the spool has them now
-            return
-        self._unbook(was, batch.count)
-        self._count(reason, batch.count)
-
-    def _to_spool(self, batch: _Batch, why: str) -> None:
-        """Hand ``batch`` to the spool (its one owner from now on)."""
-        with self._lock:
-            if batch.state is _SETTLED:
-                return
-            was, copy = self._release(batch)
-        self._undelivered += 1
-        if copy is not None:
-            self._spool_call("release", copy)  # the copy written at close becomes the spool's record
-            return
-        if batch.payload is None and not self._encode_for_spool(batch):
-            self._unbook(was, batch.count)
-            return
-        if batch.handle is not None:
-            self._spool_call("release", batch.handle)
-        else:
-            self._spool_call("append", batch.payload or b"", batch.count)
-        if was != "spool":
-            self._unbook(was, batch.count)
-            self._count("spooled", batch.count)
-            self._count("spans_spooled", batch.count)
-
-    def _encode_for_spool(self, batch: _Batch) -> bool:
-        try:
-            payload, count, dropped = encode(batch.spans or [])
-        except Exception:  # noqa: BLE001 - counted, never raised
-            self._count("dropped_unencodable", batch.count)
-            return False
-        self._count("dropped_unencodable", dropped)
-        batch.payload, batch.count = payload, count
-        return count > 0
-
-    def _enforce_memory_bound(self) -> None:
-        # Failed batches held in memory count against the queue bound; the oldest leave first: to the spool
-        # when there is one, else dropped and counted. Caller holds the lock.
-        while len(self._waiting) > 1 and self._memory_spans + len(self._queue) > self._max_queue:
-            old = self._waiting[0]
-            if self._spool is not None:
-                self._to_spool(old, "memory_bound")
-            else:
-                self._drop(old, "dropped_export_failed")
-
-    def _note_error(self, message: str) -> None:
-        self._last_error = message[:512]
-        if not self._logged_error:
-            self._logged_error = True
-            _log.debug("ctxprop export: %s", self._last_error)
-
-    @property
-    def last_error(self) -> str:
-        """The last refusal the collector explained (a partial_success error_message, or an HTTP status)."""
-        return self._last_error
-
-    # -- counters --------------------------------------------------------------------------------------
-    def _count(self, name: str, n: int) -> None:
-        if n == 0:
-            return
-        self._tally.append((name, n))
-        _stats.incr(name, n)
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """This processor's counters (exported, retried, spooled, dropped_*, ...): a snapshot."""
-        return self._fold()
-
-    def _fold(self) -> dict[str, int]:
-        with self._fold_lock:
-            tally, totals = self._tally, self._totals
-            while tally:  # only folders pop, and they hold the fold lock
-                name, n = tally.popleft()
-                totals[name] = totals.get(name, 0) + n
-            return dict(totals)
-
-    def _books_live(self) -> tuple[int, int]:
-        """(spans queued, spans in batches the books hold in memory): the live part of stats()."""
-        if self._pid != os.getpid():
-            return 0, 0
-        return len(self._queue), self._memory_spans
 
     @property
     def queue_length(self) -> int:
@@ -697,13 +464,6 @@ class CtxpropSpanProcessor(SpanProcessor):
         return self._exporter
 
     # -- the spool -------------------------------------------------------------------------------------
-    def _spool_call(self, name: str, *args: Any) -> Any:
-        try:
-            return getattr(self._spool, name)(*args)
-        except Exception:  # noqa: BLE001 - the spool promises not to raise; be sure of it
-            self._count("spool_errors", 1)
-            return None
-
     def _background_replay(self) -> None:
         if self._spool is None or self._sender is None:
             return
@@ -871,97 +631,6 @@ class CtxpropSpanProcessor(SpanProcessor):
                 self._drive_one(job)
         finally:
             detach(token)
-
-    def _leftovers(self, *, closing: bool) -> None:
-        """At a deadline: the spool takes what is queued or waiting (OTLP path); at close also a leased
-        copy of the batch in flight. A custom exporter's leftovers stay, or at close are dropped."""
-        with self._lock:
-            waiting = list(self._waiting)
-            inflight = self._inflight
-            spans: list[ReadableSpan] = []
-            if self._spool is not None or closing:
-                q = self._queue
-                while q:
-                    try:
-                        spans.append(q.popleft())
-                    except IndexError:
-                        break
-            cut: list[_Batch] = []
-            for i in range(0, len(spans), self._batch_size):
-                chunk = spans[i : i + self._batch_size]
-                b = _Batch(chunk, self._taken)
-                self._taken += len(chunk)
-                self._memory_spans += len(chunk)
-                self._count("spans_ended", len(chunk))
-                b.state = _WAITING
-                cut.append(b)
-        if self._spool is not None:
-            for b in (*waiting, *cut):
-                self._to_spool(b, "deadline")
-            if closing and inflight is not None:
-                self._copy_inflight(inflight)
-            return
-        if closing:
-            for b in (*waiting, *cut):
-                self._drop(b, "dropped_close_timeout")
-            if inflight is not None:
-                self._abandon(inflight)
-
-    def _copy_inflight(self, batch: _Batch) -> None:  # noqa: PLR0911 - each early return is a settled race
-        """Closing while ``batch`` is in flight: write a leased copy to the spool. If the request is then
-        acknowledged the copy is removed; if it fails, or the process ends first, the spool keeps it."""
-        with self._lock:
-            if batch.state is not _SENDING or batch.copy is not None or batch.on_books != "memory":
-                return
-            if batch.handle is not None:
-                # Durable mode: it is on disk already, under this process's lease.
-                self._memory_spans -= batch.count
-                batch.on_books = "spool"
-                self._count("spooled", batch.count)
-                self._count("spans_spooled", batch.count)
-                return
-            payload = batch.payload
-            spans = batch.spans
-        if payload is None:
-            try:
-                payload, count, _ = encode(spans or [])
-            except Exception:  # noqa: BLE001 - the worker counts it when it encodes the batch itself
-                return
-            if count != batch.count:
-                return  # the worker drops the unencodable spans and counts them when it encodes
-        handle = self._spool_call("write_ahead", payload, batch.count)
-        if handle is None:
-            # No lease possible (memory-only spool, too many held): a plain record. Should the request
-            # still succeed, those spans arrive twice; without it they would be lost at exit.
-            with self._lock:
-                if batch.state is not _SENDING:
-                    return
-                self._release(batch)
-            self._spool_call("append", payload, batch.count)
-            self._count("spooled", batch.count)
-            self._count("spans_spooled", batch.count)
-            return
-        with self._lock:
-            if batch.state is _SENDING:
-                batch.copy = handle
-                self._memory_spans -= batch.count
-                batch.on_books = "spool"
-                handle = None
-        if handle is not None:
-            self._spool_call("ack", handle)  # settled meanwhile: the copy is not needed
-            return
-        self._count("spooled", batch.count)
-        self._count("spans_spooled", batch.count)
-
-    def _abandon(self, batch: _Batch) -> None:
-        """Closing while a custom exporter's ``export()`` still runs: count its spans as abandoned (moved
-        to exported or rejected should it return after all)."""
-        with self._lock:
-            if batch.state is not _SENDING or batch.on_books != "memory":
-                return
-            self._memory_spans -= batch.count
-            batch.on_books = "abandoned"
-        self._count("dropped_export_abandoned", batch.count)
 
     def shutdown_until(self, deadline: float) -> bool:
         """Flush, replay the spool in what remains, then stop the export thread and shut the exporter
