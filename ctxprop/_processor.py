@@ -70,6 +70,7 @@ _PARK_WAIT = 1.0
 # A request still in flight after a flush of at least this budget is not waited for again by close().
 _STALL_BUDGET = 1.0
 
+
 class CtxpropSpanProcessor(SpanProcessor, Ledger):
     """Batches ended spans and exports them from one background thread; a drop-in ``BatchSpanProcessor``.
 
@@ -140,6 +141,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         if hasattr(os, "register_at_fork"):
             weak = weakref.WeakMethod(self._after_fork_in_child)
             weak_before = weakref.WeakMethod(self._before_fork)
+            weak_parent = weakref.WeakMethod(self._after_fork_in_parent)
 
             def _after_in_child() -> None:
                 method = weak()
@@ -151,7 +153,14 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
                 if method is not None:
                     method()
 
-            os.register_at_fork(before=_before, after_in_child=_after_in_child)
+            def _after_in_parent() -> None:
+                method = weak_parent()
+                if method is not None:
+                    method()
+
+            os.register_at_fork(
+                before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child
+            )
 
     def _init_runtime_state(self) -> None:
         self._queue: deque[ReadableSpan] = deque()
@@ -176,6 +185,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         self._driver: int | None = None  # the thread exporting right now (the worker, or inline)
         self._gen = getattr(self, "_gen", 0) + 1
         self._park = False
+        self._forking = False  # between the before-fork hook and the fork: the export thread stays out
         self._stopping = False
         self._start_retry_at = 0.0
         self._down = False
@@ -187,8 +197,24 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
 
     # -- fork ------------------------------------------------------------------------------------------
     def _before_fork(self) -> None:
-        # An idle export thread leaves before the fork, so the parent forks single-threaded.
-        self._park_if_idle(time.monotonic() + _PARK_WAIT)
+        # The export thread leaves before the fork (once its request in flight, if any, is answered, for
+        # at most _PARK_WAIT), so the parent forks single-threaded; the parent restarts it after the fork
+        # if spans are still queued. The child drops what the parent queued: the parent sends those.
+        thread = self._thread
+        if thread is None or thread is threading.current_thread() or self._pid != os.getpid():
+            return
+        self._forking = True
+        self._poke()
+        thread.join(_PARK_WAIT)
+
+    def _after_fork_in_parent(self) -> None:
+        if not self._forking:
+            return
+        self._forking = False
+        with self._lock:
+            idle = self._idle()
+        if not idle and not self._stopping:
+            self._start_worker()
 
     def _park_if_idle(self, deadline: float) -> None:
         """Let an idle export thread leave now and wait for it (by ``deadline``): after a flush or before
@@ -254,7 +280,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
             if self._running:
                 self._poke()
                 return True
-            if self._stopping or time.monotonic() < self._start_retry_at:
+            if self._stopping or self._forking or time.monotonic() < self._start_retry_at:
                 return False
             self._running = True
             self._park = False
@@ -281,7 +307,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
             if gen != self._gen:
                 return True
             with self._lock:
-                if not self._stopping and not self._idle():
+                if not self._stopping and not self._forking and not self._idle():
                     return False
             self._running = False
             self._thread = None
@@ -294,7 +320,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         try:
             idle_since: float | None = None
             while True:
-                if gen != self._gen or self._stopping:
+                if gen != self._gen or self._stopping or self._forking:
                     self._leave(gen)
                     return
                 job, wait = self._next_job()
