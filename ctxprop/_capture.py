@@ -64,8 +64,6 @@ class PortableCaptureHook(CaptureHook[T], Protocol):
     in its main context (a ``ContextAwareProcessPoolExecutor`` worker: before the user's initializer; a
     plain pool's: at its first task), e.g. to drop state a forked worker inherited. None of them may
     raise; faults are counted, never passed on.
-
-    .. versionadded:: 0.1.0
     """
 
     def capture_portable(self) -> bytes | None:

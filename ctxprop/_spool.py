@@ -61,8 +61,6 @@ def default_spool_dir(service_name: str | None) -> Path:
 
     >>> default_spool_dir("billing api").name
     'billing_api'
-
-    .. versionadded:: 0.1.0
     """
     configured = os.environ.get("CTXPROP_SPOOL_DIR")
     if configured:
@@ -86,8 +84,6 @@ class SpoolStatus:
     ``segments``, ``spans`` and ``bytes`` wait to be sent; ``leased`` segments are being sent by running
     processes. ``dropped`` spans (size or age cap), ``corrupt`` records and ``rejected`` spans (refused for
     good by the collector) are totals over every process that used the spool since the last purge.
-
-    .. versionadded:: 0.1.0
     """
 
     directory: str | None
@@ -113,8 +109,6 @@ class Spool(abc.ABC):
     >>> spool.append(b"<ExportTraceServiceRequest bytes>", span_count=3)
     >>> spool.replay(lambda payload, timeout: True, deadline=float("inf"))
     3
-
-    .. versionadded:: 0.1.0
     """
 
     directory: Path
