@@ -81,7 +81,8 @@ def test_sigterm_to_uvicorn_under_the_configurator_delivers_every_span_tagged(
     ``--workers 2``, whose spawned workers configure themselves), SIGTERM after the requests: every span
     arrives once, each worker span a child of its request span carrying the scope tag as an attribute; the
     exit status is the stock configurator's."""
-    extra = ("--workers", str(workers)) if workers else ()
+    # A 30 s worker health check: uvicorn's 5 s default kills workers still importing on a loaded machine.
+    extra = ("--workers", str(workers), "--timeout-worker-healthcheck", "30") if workers else ()
     stock_env = _zero_code_env(
         receiver, tmp_path, "configurator", OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="ctxprop"
     )
