@@ -232,7 +232,13 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
     def _after_fork_in_child(self) -> None:
         # The child neither exports the parent's spans nor uses its locks or thread; the parent sends them.
         inherited = self._memory_spans
+        old_wake, old_thread = self._wake, self._thread
         self._init_runtime_state()
+        if old_thread is not None and old_thread.is_alive():
+            # Only where the pid check fired with no real fork (a real child has no such thread): the old
+            # thread wakes, sees its generation is over and leaves, instead of lingering for a delay.
+            with contextlib.suppress(RuntimeError):
+                old_wake.release()
         self._fold_lock = threading.Lock()
         if inherited:
             self._count("spans_ended", -inherited)  # the parent's, not the child's: keep the books balanced
