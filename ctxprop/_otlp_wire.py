@@ -59,13 +59,17 @@ _fixed64 = struct.Struct("<Q").pack
 _double = struct.Struct("<d").pack
 _times = struct.Struct("<BQBQ").pack  # start (field 7) and end (field 8), both fixed64
 
+# Keyed by the members' ids: a dict lookup keyed by an enum member calls Enum.__hash__, a Python-level
+# function on 3.11; id() is a builtin and the members are singletons.
 _KIND = {
-    SpanKind.INTERNAL: b"\x30\x01",
-    SpanKind.SERVER: b"\x30\x02",
-    SpanKind.CLIENT: b"\x30\x03",
-    SpanKind.PRODUCER: b"\x30\x04",
-    SpanKind.CONSUMER: b"\x30\x05",
+    id(SpanKind.INTERNAL): b"\x30\x01",
+    id(SpanKind.SERVER): b"\x30\x02",
+    id(SpanKind.CLIENT): b"\x30\x03",
+    id(SpanKind.PRODUCER): b"\x30\x04",
+    id(SpanKind.CONSUMER): b"\x30\x05",
 }
+_ids = struct.Struct(">BBQQBBQ").pack  # trace_id (field 1, 16 bytes) and span_id (field 2, 8 bytes)
+_parent_id = struct.Struct(">BBQ").pack  # parent_span_id (field 4, 8 bytes)
 
 
 def _varint(n: int) -> bytes:
@@ -113,6 +117,8 @@ _keys: dict[str, bytes] = {}
 _str_pairs: dict[tuple[str, str], bytes] = {}
 _int_pairs: dict[tuple[str, int], bytes] = {}
 _bool_pairs: dict[tuple[str, bool], bytes] = {}
+_float_heads: dict[str, bytes] = {}
+_SMALL_INT = 1024  # non-negative ints below this are cached as whole key/value pairs
 
 
 def _key_field(key: str) -> bytes:
@@ -168,6 +174,30 @@ def _cached_pair(cache: dict[Any, bytes], key: str, value: Any) -> bytes:
     return kv
 
 
+def _float_head(key: str) -> bytes:
+    """What a float KeyValue holds before its eight value bytes (the length prefix included)."""
+    head = _float_heads.get(key)
+    if head is None:
+        kf = _key_field(key)
+        head = _varint(len(kf) + 11) + kf + b"\x12\x09\x21"
+        if len(_float_heads) >= _CACHE_MAX:
+            _float_heads.clear()
+        _float_heads[key] = head
+    return head
+
+
+def _int_pair(key: str, value: int) -> bytes:
+    # Small ints repeat (status codes, counts, ports) and are cached whole; larger ones are mostly ids,
+    # sizes and durations, which rarely do: caching those would only churn the cache.
+    if 0 <= value < _SMALL_INT:
+        return _cached_pair(_int_pairs, key, value)
+    if not _I64_MIN <= value <= _I64_MAX:
+        raise Unsupported
+    vb = _varint(value & _U64)
+    body = (_keys.get(key) or _key_field(key)) + b"\x12" + _BYTE[len(vb) + 1] + b"\x18" + vb
+    return _varint(len(body)) + body
+
+
 def _attributes(attributes: Mapping[str, Any] | None, tag: bytes, out: list[bytes]) -> None:
     if not attributes:
         return
@@ -185,9 +215,9 @@ def _attributes(attributes: Mapping[str, Any] | None, tag: bytes, out: list[byte
                 kv = _cached_pair(_str_pairs, key, value) if len(value) <= _SHORT else _pair(key, value)
         elif t is int:
             # Keyed by type too: 1 == 1.0 == True, but their encodings differ.
-            kv = _int_pairs.get((key, value))
-            if kv is None:
-                kv = _cached_pair(_int_pairs, key, value)
+            kv = (_int_pairs.get((key, value)) if 0 <= value < _SMALL_INT else None) or _int_pair(key, value)
+        elif t is float:
+            kv = (_float_heads.get(key) or _float_head(key)) + _double(value)
         elif t is bool:
             kv = _bool_pairs.get((key, value))
             if kv is None:
@@ -207,24 +237,29 @@ def _count_field(tag: bytes, n: int, out: list[bytes]) -> None:
 
 
 # -- spans ---------------------------------------------------------------------------------------------------
-_CODE = {code: code.value for code in StatusCode}
-_STATUS = {code: _field(b"\x7a", b"\x18" + _varint(code.value) if code.value else b"") for code in StatusCode}
+_CODE = {id(code): code.value for code in StatusCode}
+_STATUS = {
+    id(code): _field(b"\x7a", b"\x18" + _varint(code.value) if code.value else b"") for code in StatusCode
+}
 
 
 def span_field(span: ReadableSpan) -> bytes:
     """One span as a ``ScopeSpans.spans`` field (tag, length, ``Span`` message)."""
     ctx = span.context
     parent = span.parent
-    out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big")]
+    trace_id = ctx.trace_id
+    out = [_ids(0x0A, 0x10, trace_id >> 64, trace_id & _U64, 0x12, 0x08, ctx.span_id)]
     if ctx.trace_state:
         out.append(_trace_state(b"\x1a", ctx.trace_state))
     if parent:
-        out.append(b"\x22\x08")
-        out.append(parent.span_id.to_bytes(8, "big"))
+        out.append(_parent_id(0x22, 0x08, parent.span_id))
     name = span.name
     if name:
-        out.append(_string(b"\x2a", name))
-    out.append(_KIND[span.kind])
+        if name.__class__ is not str:
+            raise Unsupported
+        nb = name.encode()
+        out.append(b"\x2a" + _varint(len(nb)) + nb)
+    out.append(_KIND[id(span.kind)])
     start, end = span.start_time, span.end_time
     if start and end and start.__class__ is int and end.__class__ is int:
         out.append(_times(0x39, start, 0x41, end))
@@ -245,11 +280,11 @@ def span_field(span: ReadableSpan) -> bytes:
     _count_field(b"\x70", span.dropped_links, out)
     status = span.status
     if status is not None:
-        # Keyed by the enum member: its .value is a descriptor lookup, several times a dict hit.
         code, description = status.status_code, status.description
-        out.append(_status(_CODE[code], description) if description else _STATUS[code])
+        out.append(_status(_CODE[id(code)], description) if description else _STATUS[id(code)])
     out.append(_features.flags_remote if parent and parent.is_remote else _features.flags_local)
-    return _field(b"\x12", b"".join(out))
+    body = b"".join(out)
+    return b"\x12" + _varint(len(body)) + body
 
 
 def _has_items(span: ReadableSpan, private: str) -> bool:

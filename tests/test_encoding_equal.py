@@ -119,6 +119,25 @@ ATTRIBUTE_VALUES: list[Any] = [
 ]
 
 
+# Each key length puts a float or int KeyValue's length just under, at or over 127, where its length
+# prefix grows from one byte to two; each int is on one side of the small-int cache's bound, or of a varint
+# byte boundary.
+KEY_LENGTHS = [0, 1, 114, 115, 116, 117, 200]
+NUMBERS: list[Any] = [0, 1023, 1024, 1025, 16383, 16384, -1, -1024, I64_MAX, I64_MIN, 0.5, -math.inf, 1e-310]
+
+
+@pytest.mark.parametrize("length", KEY_LENGTHS)
+def test_number_attributes_at_length_and_cache_bounds(length: int) -> None:
+    """Ints and floats are written inline or from the per-key caches; every combination, twice (cold, then
+    warm), matches the official encoder byte for byte."""
+    key = "k" * length
+    for _ in range(2):
+        for value in NUMBERS:
+            s = span(attributes={key: value, key + "\u00e9": value})
+            assert_fast_path(s)
+            assert_same([s])
+
+
 @pytest.mark.parametrize("value", ATTRIBUTE_VALUES, ids=repr)
 def test_attribute_types_equal_and_on_fast_path(value: Any) -> None:
     """Every attribute type (and sequences of each) encodes as the official encoder does, on the fast path."""
