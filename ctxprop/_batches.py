@@ -23,10 +23,8 @@ import threading
 from collections import deque
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
-
 from ctxprop import _stats
-from ctxprop._encoding import encode
+from ctxprop._encoding import Queued, encode
 from ctxprop._transport import SendOutcome
 
 __all__ = ["SENDING", "SETTLED", "WAITING", "Batch", "Ledger", "settings"]
@@ -59,8 +57,8 @@ class Batch:
         "state",
     )
 
-    def __init__(self, spans: list[ReadableSpan], seq: int) -> None:
-        self.spans: list[ReadableSpan] | None = spans
+    def __init__(self, spans: list[Queued], seq: int) -> None:
+        self.spans: list[Queued] | None = spans
         self.payload: bytes | None = None
         self.count = len(spans)
         self.seq = seq  # position of its first span in the order spans left the queue
@@ -129,7 +127,7 @@ class Ledger:
     """The processor's batch moves and counters (a base class of ``CtxpropSpanProcessor``)."""
 
     _lock: threading.RLock
-    _queue: deque[ReadableSpan]
+    _queue: deque[Queued]
     _waiting: list[Batch]
     _inflight: Batch | None
     _memory_spans: int
@@ -306,7 +304,7 @@ class Ledger:
         with self._lock:
             waiting = list(self._waiting)
             inflight = self._inflight
-            spans: list[ReadableSpan] = []
+            spans: list[Queued] = []
             if self._spool is not None or closing:
                 q = self._queue
                 while q:

@@ -11,14 +11,23 @@ span, and hands any span it cannot write exactly to the official encoder, splici
 into its group; ``"official"`` is ``encode_spans(...).SerializeToString()`` for the whole batch. Both give
 the same bytes; the records in the spool are the same either way.
 
+On ctxprop's own OTLP path the queue does not hold the ended spans themselves but :func:`record` of each:
+the span already encoded (by the thread that ended it) with its resource and scope, so the span is freed
+when the application lets go of it. A queued ``ReadableSpan`` keeps about ten objects alive that the
+garbage collector traverses over and over while it waits (its attributes, events and links, context,
+status...); held for a batch's worth of time, nearly every one is promoted to the oldest generation, and
+those promotions trigger the full collections that cost the stock ``BatchSpanProcessor`` more per span than
+encoding does. A record is one tuple of bytes and two shared objects. A span the fast path cannot write is
+queued as itself, and the export thread encodes it as before.
+
 >>> encode([]).spans
 0
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias, Union
 
 from ctxprop import _otlp_wire
 
@@ -30,12 +39,21 @@ if TYPE_CHECKING:
 __all__ = [
     "ENCODERS",
     "Encoded",
+    "Queued",
     "current_encoder",
     "encode",
     "encode_fast",
     "encode_official",
+    "prepare",
+    "record",
     "use_encoder",
 ]
+
+# A span's ``ScopeSpans.spans`` field, its resource and its scope: what the queue holds for a span the fast
+# path has written already (see record()).
+SpanRecord: TypeAlias = "tuple[bytes, Resource, InstrumentationScope | None]"
+# What a batch holds: records, and spans still to encode.
+Queued: TypeAlias = Union["ReadableSpan", SpanRecord]  # a string alias: its members are names only mypy sees
 
 ENCODERS = ("ctxprop", "official")
 _official = False
@@ -59,12 +77,29 @@ def use_encoder(name: str) -> None:
         _otlp_wire.calibrate()
 
 
+def prepare() -> None:
+    """Calibrate the fast path now (a processor's constructor), so the first spans are recorded too."""
+    if not _official:
+        _otlp_wire.calibrate()
+
+
+def record(span: ReadableSpan) -> Queued:
+    """What the queue holds for ``span``: its encoded field with its resource and scope, or, when the
+    official encoder is chosen or the fast path cannot write this span, the span itself. Never raises."""
+    if _official or not _otlp_wire.ready():
+        return span
+    try:
+        return (_otlp_wire.span_field(span), span.resource, span.instrumentation_scope or None)
+    except Exception:  # noqa: BLE001 - exotic or unencodable: the export thread's encode() decides
+        return span
+
+
 def current_encoder() -> str:
     """The encoder this process uses now."""
     return "official" if _official else "ctxprop"
 
 
-def encode(spans: Sequence[ReadableSpan]) -> Encoded:
+def encode(spans: Sequence[Queued]) -> Encoded:
     """Encode a batch; spans that cannot be encoded are left out and reported in ``dropped``."""
     if _official:
         return encode_official(spans)
@@ -77,21 +112,26 @@ def _official_bytes(spans: Sequence[ReadableSpan]) -> bytes:
     return encode_spans(spans).SerializeToString()
 
 
-def encode_official(spans: Sequence[ReadableSpan]) -> Encoded:
+def encode_official(spans: Sequence[Queued]) -> Encoded:
     """The official encoder (``encode_spans(...).SerializeToString()``) with a per-span fallback.
 
     The whole batch is tried first. Only if that fails is each span tried on its own, so the ones that
     fail are found; the others are encoded together again, grouped exactly as they would have been.
+    Records queued before the official encoder was chosen keep their bytes (the same bytes), and the
+    spans beside them are each written by the official encoder.
     """
+    if any(s.__class__ is tuple for s in spans):
+        return _assemble(spans, _otlp_wire.official_span_field)
+    plain: Sequence[ReadableSpan] = spans  # type: ignore[assignment]  # no record among them
     try:
-        return Encoded(_official_bytes(spans), len(spans), 0)
+        return Encoded(_official_bytes(plain), len(plain), 0)
     except Exception:  # noqa: BLE001, S110 - find the span(s) at fault below
         pass
-    good = [span for span in spans if _encodes(span)]
+    good = [span for span in plain if _encodes(span)]
     try:
-        return Encoded(_official_bytes(good), len(good), len(spans) - len(good))
+        return Encoded(_official_bytes(good), len(good), len(plain) - len(good))
     except Exception:  # noqa: BLE001 - spans that encode alone but not together: give up on the batch
-        return Encoded(_official_bytes([]), 0, len(spans))
+        return Encoded(_official_bytes([]), 0, len(plain))
 
 
 def _encodes(span: ReadableSpan) -> bool:
@@ -102,7 +142,7 @@ def _encodes(span: ReadableSpan) -> bool:
     return True
 
 
-def encode_fast(spans: Sequence[ReadableSpan]) -> Encoded:
+def encode_fast(spans: Sequence[Queued]) -> Encoded:
     """ctxprop's encoder: the same bytes as the official one, grouped by resource then scope as it does.
 
     Groups keep their first span's resource and scope objects and the order they first appear in (the
@@ -111,23 +151,32 @@ def encode_fast(spans: Sequence[ReadableSpan]) -> Encoded:
     """
     if not _otlp_wire.calibrate():
         return encode_official(spans)
-    span_field = _otlp_wire.span_field
+    return _assemble(spans, _otlp_wire.span_field)
+
+
+def _assemble(spans: Sequence[Queued], write: Callable[[ReadableSpan], bytes]) -> Encoded:
+    """Group the spans' fields (records' as they are, the others' written by ``write``, falling back on
+    the official encoder) into one request."""
     groups: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
     last_resource: object = _NOTHING
     last_scope: object = _NOTHING
     last: list[bytes] = []
     dropped = 0
     for span in spans:
-        try:
-            field = span_field(span)
-        except Exception:  # noqa: BLE001 - exotic or unencodable: the official encoder decides
+        if span.__class__ is tuple:
+            field, resource, scope = span
+        else:
+            readable: ReadableSpan = span  # type: ignore[assignment]
             try:
-                field = _otlp_wire.official_span_field(span)
-            except Exception:  # noqa: BLE001 - neither can encode it: this span alone is dropped
-                dropped += 1
-                continue
-        resource = span.resource
-        scope = span.instrumentation_scope or None
+                field = write(readable)
+            except Exception:  # noqa: BLE001 - exotic or unencodable: the official encoder decides
+                try:
+                    field = _otlp_wire.official_span_field(readable)
+                except Exception:  # noqa: BLE001 - neither can encode it: this span alone is dropped
+                    dropped += 1
+                    continue
+            resource = readable.resource
+            scope = readable.instrumentation_scope or None
         if resource is not last_resource or scope is not last_scope:
             last = groups.setdefault(resource, {}).setdefault(scope, [])
             last_resource, last_scope = resource, scope

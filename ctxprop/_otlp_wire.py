@@ -40,6 +40,7 @@ __all__ = [
     "calibrate",
     "length_delimited",
     "official_span_field",
+    "ready",
     "resource_parts",
     "scope_parts",
     "span_field",
@@ -429,6 +430,11 @@ def _matches(attributes: Mapping[str, Any]) -> bool:
 
 def _flags_field(tag: bytes, value: int) -> bytes:
     return tag + struct.pack("<I", value) if value else b""
+
+
+def ready() -> bool:
+    """Calibrated and usable; never calibrates (for the application's threads, in ``on_end``)."""
+    return _calibrated and _features.usable
 
 
 def calibrate() -> bool:

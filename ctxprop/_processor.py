@@ -34,17 +34,17 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import opentelemetry.context as otel_context
 from opentelemetry.context import attach, detach, set_value
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from ctxprop import _stats
+from ctxprop import _encoding, _stats
 from ctxprop._batches import SENDING, WAITING, Batch, Ledger, settings
 from ctxprop._delivery import Policy, reserve_for_spool
-from ctxprop._encoding import encode
+from ctxprop._encoding import Queued, encode
 from ctxprop._transport import OK, SendOutcome
 
 if TYPE_CHECKING:
@@ -118,6 +118,12 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         )
         self._exporter = exporter
         self._sender = sender
+        # ctxprop's OTLP path queues records (the span encoded by the thread that ended it, see
+        # _encoding.record); a custom exporter is given the spans themselves.
+        self._record: Callable[[ReadableSpan], Queued] | None = None
+        if sender is not None:
+            _encoding.prepare()
+            self._record = _encoding.record
         self._spool = spool if sender is not None else None
         self._durable = durable and self._spool is not None
         self._max_queue = int(queue)
@@ -163,7 +169,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
             )
 
     def _init_runtime_state(self) -> None:
-        self._queue: deque[ReadableSpan] = deque()
+        self._queue: deque[Queued] = deque()
         # RLock: a signal handler's close() may run on a thread that is inside one of these sections.
         self._lock = threading.RLock()
         self._waiting: list[Batch] = []  # batches owned by the processor between attempts, oldest first
@@ -263,7 +269,8 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         if len(q) >= self._limit:
             self._drop_on_end()
             return
-        q.append(span)
+        record = self._record
+        q.append(span if record is None else record(span))
         if not self._running:
             self._start_worker()
         elif len(q) >= self._batch_size:
@@ -379,7 +386,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
 
     def _cut(self, now: float, flushing: bool) -> Batch:
         q = self._queue
-        spans: list[ReadableSpan] = []
+        spans: list[Queued] = []
         for _ in range(min(self._batch_size, len(q))):
             spans.append(q.popleft())
         batch = Batch(spans, self._taken)
@@ -473,8 +480,10 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
                 return SendOutcome(False, retryable=True)
             return self._sender(batch.payload or b"", timeout)
         assert self._exporter is not None  # noqa: S101 - one of the two is set by __init__
+        # A processor with an exporter queues the spans themselves, never records.
+        spans = cast("list[ReadableSpan]", batch.spans or [])
         try:
-            result = self._exporter.export(batch.spans or [])
+            result = self._exporter.export(spans)
         except Exception:  # noqa: BLE001 - a custom exporter's fault is a failed attempt
             return SendOutcome(False, retryable=True)
         return OK if result is SpanExportResult.SUCCESS else SendOutcome(False, retryable=True)

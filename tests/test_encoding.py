@@ -3,7 +3,9 @@ encoder is chosen at init(); spools written with either encoder replay with the 
 
 from __future__ import annotations
 
+import gc
 import socket
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,17 @@ from typing import Any
 import pytest
 import support
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext
 from support import OTLPReceiver, run_child
 
 import ctxprop
 from ctxprop import _encoding
+from ctxprop._processor import CtxpropSpanProcessor
+from ctxprop._transport import OTLPSender
 
 receiver = support.receiver
 
@@ -119,3 +127,96 @@ def test_spool_written_by_one_encoder_replays_with_the_other(
     assert max(names.values()) == 1
     assert {s.attributes["s"] for s in receiver.spans} == {"\u00e9"}
     assert all(s.events == (("e", {"k": (1, 2)}),) for s in receiver.spans)
+
+
+class _Watch(SpanProcessor):
+    """Runs before ctxprop's processor: keeps a weak reference to every ReadableSpan handed to on_end."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref[ReadableSpan]] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.refs.append(weakref.ref(span))
+
+
+def _pipeline(
+    receiver: OTLPReceiver, exporter: bool = False
+) -> tuple[TracerProvider, CtxpropSpanProcessor, _Watch]:
+    kw: dict[str, Any] = {"sender": OTLPSender(receiver.endpoint)}
+    if exporter:
+        kw = {"exporter": InMemorySpanExporter()}
+    proc = CtxpropSpanProcessor(**kw, schedule_delay=60, max_export_batch_size=512)
+    watch = _Watch()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(watch)
+    provider.add_span_processor(proc)
+    return provider, proc, watch
+
+
+def test_queued_spans_are_records_and_the_spans_are_freed(receiver: OTLPReceiver) -> None:
+    """On the OTLP path a queued span is already encoded: the ReadableSpan is freed as soon as the
+    application lets go of it (no garbage collection needed), and what arrives is what the official
+    encoder writes. With a custom exporter (the control) the queue keeps every span alive."""
+    provider, proc, watch = _pipeline(receiver)
+    control, control_proc, control_watch = _pipeline(receiver, exporter=True)
+    gc.disable()  # freed by reference counting alone, not by a collection
+    try:
+        for p in (provider, control):
+            tracer = p.get_tracer("records")
+            for i in range(50):
+                attributes: dict[str, Any] = {"i": i * 1000, "f": i / 3, "m": "\u00e9"}
+                with tracer.start_as_current_span(f"s{i}", attributes=attributes):
+                    pass
+        assert proc.queue_length == 50
+        assert control_proc.queue_length == 50
+        assert sum(ref() is not None for ref in watch.refs) == 0
+        assert sum(ref() is not None for ref in control_watch.refs) == 50
+    finally:
+        gc.enable()
+    assert provider.force_flush(10_000)
+    assert receiver.wait_for_spans(50, 5)
+    got = {s.name: s.attributes for s in receiver.spans}
+    assert got == {f"s{i}": {"i": i * 1000, "f": i / 3, "m": "\u00e9"} for i in range(50)}
+    provider.shutdown()
+    control.shutdown()
+
+
+def test_a_span_the_fast_path_cannot_write_is_queued_as_itself() -> None:
+    """record() never raises: a span the fast path leaves to the official encoder is queued as itself,
+    and its batch, records beside it, encodes to the official encoder's bytes."""
+    assert _encoding.current_encoder() == "ctxprop"
+    _encoding.prepare()
+    good = [_span(f"s{i}", {"i": i}) for i in range(3)]
+    odd = _span("odd", {"mapping": {"a": 1}})  # a type only the official path writes
+    queued = [_encoding.record(s) for s in (good[0], odd, good[1], good[2])]
+    assert [q.__class__ is tuple for q in queued] == [True, False, True, True]
+    assert queued[1] is odd
+    official = encode_spans([good[0], odd, good[1], good[2]]).SerializeToString()
+    assert _encoding.encode(queued) == (official, 4, 0)
+
+
+def test_records_queued_before_a_switch_to_the_official_encoder_keep_their_bytes() -> None:
+    """Records queued under ctxprop's encoder, then spans queued after init(encoder="official"): one
+    batch of both encodes to the official encoder's bytes, none lost."""
+    _encoding.prepare()
+    spans = [_span(f"s{i}", {"i": i, "route": "/r"}) for i in range(6)]
+    try:
+        early = [_encoding.record(s) for s in spans[:3]]
+        _encoding.use_encoder("official")
+        late = [_encoding.record(s) for s in spans[3:]]
+        assert all(q.__class__ is tuple for q in early)
+        assert late == spans[3:]
+        assert _encoding.encode(early + late) == (encode_spans(spans).SerializeToString(), 6, 0)
+    finally:
+        _encoding.use_encoder("ctxprop")
+
+
+def _span(name: str, attributes: dict[str, Any]) -> ReadableSpan:
+    return ReadableSpan(
+        name,
+        SpanContext(0xABCDEF, 0x1234, False),
+        resource=Resource({"service.name": "records"}),
+        attributes=attributes,
+        start_time=1,
+        end_time=2,
+    )
