@@ -2,7 +2,9 @@
 
 This module is the spool's typed interface (:class:`Spool`), its factory (:func:`open_spool`, also
 ``Spool.open``) and what both implementations share: the status record, the default directory, the
-caps read from the environment, and the meaning of one send attempt during a replay.
+caps read from the environment, the meaning of one send attempt during a replay, and the one registry
+of open spools (every spool, disk or memory, registers itself; in a forked child each one drops what
+belongs to the parent: :meth:`Spool._after_fork_in_child`).
 
 - ``_spool_disk``: the POSIX implementation (a private directory of segment files, leases held by
   ``flock()``, a durable write-ahead mode); it falls back to memory when its disk fails mid-run.
@@ -34,6 +36,7 @@ import os
 import re
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +200,14 @@ class Spool(abc.ABC):
     def close(self) -> None:
         """Release what the spool holds open; what only memory held is counted as dropped."""
 
+    @abc.abstractmethod
+    def _after_fork_in_child(self) -> None:
+        """In a child just forked: drop what belongs to the parent (see :func:`register_open`).
+
+        Locks held by the parent's threads at fork() would never be released here, and what the
+        parent holds (its records, its leases) stays the parent's to send.
+        """
+
     def __enter__(self) -> Spool:
         return self
 
@@ -311,6 +322,25 @@ def report(progress: Progress | None, spans: int) -> None:
     if progress is not None:
         with contextlib.suppress(Exception):
             progress(spans)
+
+
+# Every open spool, disk or memory (weakly: a spool dropped without close() is forgotten), so that one
+# fork hook resets them all in the child.
+_open_spools: weakref.WeakSet[Spool] = weakref.WeakSet()
+
+
+def register_open(spool: Spool) -> None:
+    """Have ``spool`` reset in every child forked from now on; called last in each ``__init__``."""
+    _open_spools.add(spool)
+
+
+def _after_fork_in_child() -> None:
+    for spool in list(_open_spools):
+        spool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # At the end (the implementations import this module's names): imported with this module, not at the

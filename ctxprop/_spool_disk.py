@@ -46,6 +46,7 @@ from ctxprop._spool import (
     Spool,
     SpoolStatus,
     attempt,
+    register_open,
     report,
 )
 from ctxprop._spool_format import Record, parse_records, segment, segment_of
@@ -212,7 +213,7 @@ class DiskSpool(Spool):
         # Not at exit: the endings' last flush may still write to the spool then.
         self._finalizer: Callable[[], object] = weakref.finalize(self, _close_all, self._locked, dir_fd)
         self._finalizer.atexit = False
-        _open_spools.add(self)
+        register_open(self)
 
     @property
     def memory_only(self) -> bool:
@@ -738,16 +739,6 @@ class DiskSpool(Spool):
         return totals["dropped"], totals["corrupt"], totals["rejected"]
 
 
-_open_spools: weakref.WeakSet[DiskSpool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for spool in list(_open_spools):
-        spool._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _close_all(held: set[int], dir_fd: int | None = None) -> None:

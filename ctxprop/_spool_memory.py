@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from ctxprop._spool import (
     Spool,
     SpoolStatus,
     attempt,
+    register_open,
     report,
 )
 from ctxprop._spool_format import Record
@@ -62,7 +62,7 @@ class MemorySpool(Spool):
         self._records: deque[Record] = deque()
         self._bytes = 0
         self._closed = False
-        _open_spools.add(self)
+        register_open(self)
 
     @property
     def memory_only(self) -> bool:
@@ -187,15 +187,3 @@ class MemorySpool(Spool):
         if lost:
             _stats.incr("spool_dropped_spans", lost)
             _stats.incr("spool_dropped_memory_spans", lost)
-
-
-_open_spools: weakref.WeakSet[MemorySpool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for spool in list(_open_spools):
-        spool._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
