@@ -165,3 +165,37 @@ def test_free_threaded_build_keeps_the_gil_off_with_ctxprop_and_the_sdk() -> Non
     assert found["gil"] is False, found
     assert "GIL" not in res.stderr  # no "enabling the GIL" RuntimeWarning from an extension either
     assert sys._is_gil_enabled() is False  # type: ignore[attr-defined]  # and not in this process
+
+
+def test_parallel_threads_encode_their_spans_exactly() -> None:
+    """8 threads each encode 600 spans as the queue's records (the encoder's caches shared between
+    them, cleared when full): every record is byte-equal to the official encoder's span."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext
+
+    from ctxprop import _encoding, _otlp_wire
+
+    _encoding.prepare()
+    resource = Resource({"service.name": "parallel"})
+    made: dict[int, list[tuple[ReadableSpan, Any]]] = {}
+
+    def body(i: int) -> None:
+        out = made.setdefault(i, [])
+        for n in range(600):
+            # Distinct keys and values on each thread, enough of them to fill and clear the caches.
+            attributes: dict[str, Any] = {f"k{i}-{n % 97}": f"v{n % 211}", f"n{i}": n * 7}
+            attributes.update({"x": n % 5, "f": n / 3})
+            span = ReadableSpan(f"t{i}-{n}", SpanContext(i + 1, n + 1, False), resource=resource,
+                                attributes=attributes, start_time=1, end_time=2)
+            out.append((span, _encoding.record(span)))
+
+    _in_parallel(body)
+    for pairs in made.values():
+        for span, queued in pairs:
+            assert queued.__class__ is tuple
+            assert queued[0] == _otlp_wire.official_span_field(span)
+    everything = [queued for pairs in made.values() for _, queued in pairs]
+    spans = [span for pairs in made.values() for span, _ in pairs]
+    assert _encoding.encode(everything).payload == encode_spans(spans).SerializeToString()
