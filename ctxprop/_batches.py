@@ -198,27 +198,33 @@ class Ledger:
             self._replay_backoff = 0.0
         self._down = False
 
-    def _drop(self, batch: Batch, reason: str) -> None:
+    def _settle_undelivered(self, batch: Batch) -> str | None:
+        """Settle ``batch`` as not delivered: where the books had it, or None when nothing is left to do.
+
+        Nothing is left when it was settled already, or when a copy of it was written to the spool at
+        close: that copy becomes the spool's record (the spool has its spans now, whether the batch was
+        to be dropped or spooled)."""
         with self._lock:
             if batch.state is SETTLED:
-                return
+                return None
             was, copy = self._release(batch)
         self._undelivered += 1
         if copy is not None:
-            self._spool_call("release", copy)  # the copy written at close stays: the spool has them now
+            self._spool_call("release", copy)
+            return None
+        return was
+
+    def _drop(self, batch: Batch, reason: str) -> None:
+        was = self._settle_undelivered(batch)
+        if was is None:
             return
         self._unbook(was, batch.count)
         self._count(reason, batch.count)
 
     def _to_spool(self, batch: Batch, why: str) -> None:
         """Hand ``batch`` to the spool (its one owner from now on)."""
-        with self._lock:
-            if batch.state is SETTLED:
-                return
-            was, copy = self._release(batch)
-        self._undelivered += 1
-        if copy is not None:
-            self._spool_call("release", copy)  # the copy written at close becomes the spool's record
+        was = self._settle_undelivered(batch)
+        if was is None:
             return
         if batch.payload is None and not self._encode_for_spool(batch):
             self._unbook(was, batch.count)
