@@ -88,6 +88,7 @@ class MisbehavingCollector:
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(16)
         self._conns: set[socket.socket] = set()
+        self._handlers: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._serve, name="misbehaving-collector", daemon=True)
 
     @property
@@ -103,6 +104,10 @@ class MisbehavingCollector:
     def stop(self) -> None:
         """Stop serving and hang up every connection."""
         self._stop.set()
+        # close() alone does not wake a thread blocked in accept() on Linux (the join below then waited
+        # its whole 5 s); shutdown() does, and accept() raises.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
         for c in list(self._conns):
@@ -111,6 +116,8 @@ class MisbehavingCollector:
             with contextlib.suppress(OSError):
                 c.close()
         self._thread.join(5)
+        for t in list(self._handlers):
+            t.join(5)  # woken by the stop event or the hang-up: stop() leaves no thread of its own behind
 
     def __enter__(self) -> MisbehavingCollector:
         return self.start()
@@ -130,7 +137,9 @@ class MisbehavingCollector:
             except OSError:
                 return
             self._conns.add(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            handler = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self._handlers.append(handler)
+            handler.start()
 
     def _handle(self, conn: socket.socket) -> None:
         try:

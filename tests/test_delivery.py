@@ -82,9 +82,9 @@ def test_sender_ends_a_trickled_answer_at_its_deadline() -> None:
     from ctxprop._encoding import encode
     from ctxprop._transport import OTLPSender
 
+    before = threading.active_count()  # the collector's own threads are gone once serving() ends
     with serving("trickle") as col:
         sender = OTLPSender(col.endpoint)
-        before = threading.active_count()
         t0 = time.monotonic()
         out = sender(encode([]).payload, 0.8)
         took = time.monotonic() - t0
