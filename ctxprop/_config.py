@@ -23,6 +23,7 @@ from ctxprop._spool import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, spool_cap
 __all__ = [
     "DEFAULT_ENDPOINT",
     "PipelineConfig",
+    "Settings",
     "build_config",
     "parse_headers",
     "redact_url",
@@ -270,24 +271,39 @@ def _encoder(value: str | None, environ: Mapping[str, str]) -> str:
     return str(name)
 
 
-def build_config(
-    *,
-    service_name: str | None = None,
-    endpoint: str | None = None,
-    spool_dir: str | None = None,
-    close_timeout: float = 3.0,
-    durable: bool = False,
-    handle_signals: bool = True,
-    headers: Mapping[str, str] | None = None,
-    compression: str | None = None,
-    max_queue_size: int | None = None,
-    max_export_batch_size: int | None = None,
-    schedule_delay: float | None = None,
-    resource_attributes: Mapping[str, Any] | None = None,
-    export_timeout: float | None = None,
-    encoder: str | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> PipelineConfig:
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The pipeline settings as given, before the environment and the defaults resolve them: ``init()``'s
+    keyword arguments but ``exporter``, with ``init()``'s defaults. The one list of them: ``init()``
+    spells the same names out for its public signature and passes them on as they are. The two agree:
+
+    >>> import dataclasses, inspect, ctxprop
+    >>> init = {n: (p.default, p.annotation) for n, p in inspect.signature(ctxprop.init).parameters.items()}
+    >>> given = {f.name: (f.default, f.type) for f in dataclasses.fields(Settings)}
+    >>> init.pop("exporter")[0], given.pop("export_timeout")[0]
+    (None, None)
+    >>> list(init.items()) == list(given.items())
+    True
+    """
+
+    service_name: str | None = None
+    endpoint: str | None = None
+    spool_dir: str | None = None
+    close_timeout: float = 3.0
+    durable: bool = False
+    handle_signals: bool = True
+    headers: Mapping[str, str] | None = None
+    compression: str | None = None
+    max_queue_size: int | None = None
+    max_export_batch_size: int | None = None
+    schedule_delay: float | None = None
+    resource_attributes: Mapping[str, Any] | None = None
+    encoder: str | None = None
+    #: Not an ``init()`` argument: the ``OTEL_*`` timeout variables set it, or the default.
+    export_timeout: float | None = None
+
+
+def build_config(*, environ: Mapping[str, str] | None = None, **settings: Any) -> PipelineConfig:
     """Resolve and validate the pipeline settings; raises ``ValueError`` naming the setting to fix.
 
     >>> build_config(close_timeout=-1, environ={})
@@ -295,16 +311,20 @@ def build_config(
     ...
     ValueError: init(close_timeout=-1): must be a finite, non-negative number of seconds
 
+    ``settings``: the fields of :class:`Settings`, by name (an unknown one raises ``TypeError``);
+    ``environ`` defaults to ``os.environ``.
+
     .. versionadded:: 0.1.0
     """
     env = os.environ if environ is None else environ
-    close_t = _arg_seconds(close_timeout, "close_timeout")
-    resolved_endpoint = resolve_endpoint(endpoint, env)
+    given = Settings(**settings)
+    close_t = _arg_seconds(given.close_timeout, "close_timeout")
+    resolved_endpoint = resolve_endpoint(given.endpoint, env)
     queue = _positive_int(
-        max_queue_size, env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE, "max_queue_size"
+        given.max_queue_size, env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE, "max_queue_size"
     )
     batch = _positive_int(
-        max_export_batch_size,
+        given.max_export_batch_size,
         env,
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
         min(DEFAULT_MAX_EXPORT_BATCH_SIZE, queue),
@@ -315,13 +335,13 @@ def build_config(
             f"max_export_batch_size ({batch}) must not exceed max_queue_size ({queue}); lower the first "
             "(OTEL_BSP_MAX_EXPORT_BATCH_SIZE) or raise the second (OTEL_BSP_MAX_QUEUE_SIZE)"
         )
-    if schedule_delay is not None:
-        delay = _arg_seconds(schedule_delay, "schedule_delay", allow_zero=False)
+    if given.schedule_delay is not None:
+        delay = _arg_seconds(given.schedule_delay, "schedule_delay", allow_zero=False)
     else:
         env_delay = _env_seconds(env, "OTEL_BSP_SCHEDULE_DELAY", 1e-3)
         delay = DEFAULT_SCHEDULE_DELAY if env_delay is None else max(env_delay, 0.001)
-    if export_timeout is not None:
-        exp_t = _arg_seconds(export_timeout, "export_timeout", allow_zero=False)
+    if given.export_timeout is not None:
+        exp_t = _arg_seconds(given.export_timeout, "export_timeout", allow_zero=False)
     else:
         # The official Python exporter reads OTEL_EXPORTER_OTLP_TIMEOUT in seconds; follow it.
         exp_t = next(
@@ -340,29 +360,30 @@ def build_config(
             exp_t = min(exp_t, bsp_t)
         if exp_t <= 0:
             exp_t = DEFAULT_EXPORT_TIMEOUT
-    if service_name is not None and (not isinstance(service_name, str) or not service_name):
-        raise ValueError(f"init(service_name={service_name!r}): must be a non-empty string")
-    svc = service_name
+    svc = given.service_name
+    if svc is not None and (not isinstance(svc, str) or not svc):
+        raise ValueError(f"init(service_name={svc!r}): must be a non-empty string")
     if svc is None:
         found = _env(env, "OTEL_SERVICE_NAME")
         svc = found[1] if found else None
+    spool_dir = given.spool_dir
     if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
         raise ValueError(f"init(spool_dir={spool_dir!r}): must be a path")
     return PipelineConfig(
         service_name=svc,
         endpoint=resolved_endpoint,
-        headers=_headers(headers, env),
-        compression=_compression(compression, env),
+        headers=_headers(given.headers, env),
+        compression=_compression(given.compression, env),
         export_timeout=exp_t,
         close_timeout=close_t,
         max_queue_size=queue,
         max_export_batch_size=batch,
         schedule_delay=delay,
         spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
-        durable=bool(durable),
-        handle_signals=bool(handle_signals),
+        durable=bool(given.durable),
+        handle_signals=bool(given.handle_signals),
         spool_max_bytes=spool_cap("CTXPROP_SPOOL_MAX_BYTES", DEFAULT_MAX_BYTES, env, lenient=False),
         spool_max_age=spool_cap("CTXPROP_SPOOL_MAX_AGE", DEFAULT_MAX_AGE, env, lenient=False),
-        resource_attributes=dict(resource_attributes or {}),
-        encoder=_encoder(encoder, env),
+        resource_attributes=dict(given.resource_attributes or {}),
+        encoder=_encoder(given.encoder, env),
     )

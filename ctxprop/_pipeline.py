@@ -85,6 +85,8 @@ def init(
     .. versionadded:: 0.1.0
     """
     global _provider, _processor, _config
+    # The arguments but exporter are _config.Settings' fields, by name: passed on as they are.
+    settings = {name: value for name, value in locals().items() if name != "exporter"}
     with _lock:
         if _provider is not None and _configured:
             # OTEL_PYTHON_CONFIGURATOR=ctxprop set the pipeline up before the application ran: the OTEL_*
@@ -98,21 +100,7 @@ def init(
                 stacklevel=2,
             )
             return _provider
-        cfg = build_config(
-            service_name=service_name,
-            endpoint=endpoint,
-            spool_dir=spool_dir,
-            close_timeout=close_timeout,
-            durable=durable,
-            handle_signals=handle_signals,
-            headers=headers,
-            compression=compression,
-            max_queue_size=max_queue_size,
-            max_export_batch_size=max_export_batch_size,
-            schedule_delay=schedule_delay,
-            resource_attributes=resource_attributes,
-            encoder=encoder,
-        )
+        cfg = build_config(**settings)
         if exporter is not None and not callable(getattr(exporter, "export", None)):
             raise ValueError(f"init(exporter={exporter!r}): expected an OpenTelemetry SpanExporter")
         from ctxprop._transport import quiet_official_loggers
