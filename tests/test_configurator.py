@@ -108,19 +108,44 @@ def test_sigterm_to_uvicorn_under_the_configurator_delivers_every_span_tagged(
         assert len({a["pid"] for a in answers}) == workers, "both workers served requests"
 
 
-def _start(script: str, env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
+def _start(
+    script: str, env: dict[str, str], tmp_path: Path, *args: str, instrument: bool = True
+) -> subprocess.Popen[str]:
+    """Run ``script`` with ``args`` (under ``opentelemetry-instrument`` unless ``instrument`` is False), its
+    environment the tests' child environment updated with ``env``."""
     path = tmp_path / "app.py"
     path.write_text(textwrap.dedent(script))
-    merged = child_env(env)
+    tool = [str(TOOL)] if instrument else []
     return subprocess.Popen(
-        [str(TOOL), sys.executable, str(path)],
+        [*tool, sys.executable, str(path), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=merged,
+        env=child_env(env),
         cwd=str(REPO),
     )
+
+
+def _tagged_spans(count: int, tracer: str = "tracer") -> str:
+    """A child script's lines: ``count`` spans from ``tracer`` in an isolation scope tagged tenant=acme."""
+    return f"""
+with ctxprop.isolation_scope():
+    ctxprop.set_tag("tenant", "acme")
+    for i in range({count}):
+        with {tracer}.start_as_current_span(f"span-{{i}}"):
+            pass
+"""
+
+
+# A child script's last lines: say it is ready (``_finish(..., signal_on=READY)`` sends SIGTERM then), and
+# wait for the signal.
+READY = '"ready"'
+WAIT_FOR_SIGTERM = """
+print(json.dumps({"ready": True}), flush=True)
+import threading
+threading.Event().wait(60)
+"""
 
 
 def _finish(proc: subprocess.Popen[str], *, signal_on: str | None = None) -> tuple[int, list[Any], str]:
@@ -159,11 +184,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     provider = ctxprop.init(service_name="ignored-under-the-configurator")
 tracer = trace.get_tracer("zero-code")
-with ctxprop.isolation_scope():
-    ctxprop.set_tag("tenant", "acme")
-    for i in range(20):
-        with tracer.start_as_current_span(f"span-{i}"):
-            pass
+""" + _tagged_spans(20) + """
 print(json.dumps({
     "init_warnings": [str(w.message) for w in caught],
     "init_returns_global": provider is trace.get_tracer_provider(),
@@ -208,13 +229,7 @@ def test_configurator_sets_up_ctxprop_pipeline_and_leaves_metrics_and_logs_stock
 SPOOL_SCRIPT = """
 from opentelemetry import trace
 import ctxprop
-
-with ctxprop.isolation_scope():
-    ctxprop.set_tag("tenant", "acme")
-    for i in range(20):
-        with trace.get_tracer("zero-code").start_as_current_span(f"span-{i}"):
-            pass
-"""
+""" + _tagged_spans(20, 'trace.get_tracer("zero-code")')
 
 
 def test_configurator_spools_when_the_collector_is_down_and_the_next_run_sends(
@@ -244,15 +259,7 @@ from opentelemetry import trace
 import ctxprop, ctxprop._pipeline
 
 tracer = trace.get_tracer("stock")
-with ctxprop.isolation_scope():
-    ctxprop.set_tag("tenant", "acme")
-    for i in range(50):
-        with tracer.start_as_current_span(f"span-{i}"):
-            pass
-print(json.dumps({"ready": True}), flush=True)
-import threading
-threading.Event().wait(60)
-"""
+""" + _tagged_spans(50) + WAIT_FOR_SIGTERM
 
 
 def test_instrumentor_without_the_configurator_tags_and_flushes_the_stock_provider(
@@ -262,7 +269,7 @@ def test_instrumentor_without_the_configurator_tags_and_flushes_the_stock_provid
     provider's spans the scope tags, and a SIGTERM still delivers what its BatchSpanProcessor queued; the
     process dies by SIGTERM as without ctxprop."""
     env = _zero_code_env(receiver, tmp_path, "configurator", OTEL_BSP_SCHEDULE_DELAY="600000")
-    status, _, err = _finish(_start(STOCK_SCRIPT, env, tmp_path), signal_on='"ready"')
+    status, _, err = _finish(_start(STOCK_SCRIPT, env, tmp_path), signal_on=READY)
     assert status == -signal.SIGTERM, err
     assert receiver.wait_for_spans(50, 10), err
     assert receiver.span_count == 50
@@ -285,16 +292,9 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     ctxprop.init(endpoint=sys.argv[1])
 tracer = trace.get_tracer("app")
-with ctxprop.isolation_scope():
-    ctxprop.set_tag("tenant", "acme")
-    for i in range(50):
-        with tracer.start_as_current_span(f"span-{i}"):
-            pass
+""" + _tagged_spans(50) + """
 print(json.dumps({"warnings": [str(w.message) for w in caught]}), flush=True)
-print(json.dumps({"ready": True}), flush=True)
-import threading
-threading.Event().wait(60)
-"""
+""" + WAIT_FOR_SIGTERM
 
 
 def test_init_after_another_provider_warns_once_and_still_delivers(
@@ -302,18 +302,9 @@ def test_init_after_another_provider_warns_once_and_still_delivers(
 ) -> None:
     """init() after the application set its own SDK provider: exactly one warning, naming what to set
     instead; that provider's spans get the scope tags, and a SIGTERM delivers what it had queued."""
-    path = tmp_path / "foreign.py"
-    path.write_text(textwrap.dedent(FOREIGN_SCRIPT))
-    proc = subprocess.Popen(
-        [sys.executable, str(path), receiver.endpoint],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=child_env({"CTXPROP_SPOOL_DIR": str(tmp_path / "spool")}),
-        cwd=str(REPO),
-    )
-    status, lines, err = _finish(proc, signal_on='"ready"')
+    env = {"CTXPROP_SPOOL_DIR": str(tmp_path / "spool")}
+    proc = _start(FOREIGN_SCRIPT, env, tmp_path, receiver.endpoint, instrument=False)
+    status, lines, err = _finish(proc, signal_on=READY)
     assert status == -signal.SIGTERM, err
     (message,) = lines[0]["warnings"]
     assert "OTEL_PYTHON_CONFIGURATOR=ctxprop" in message

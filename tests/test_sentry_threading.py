@@ -11,20 +11,11 @@ from typing import Any
 import pytest
 from support import run_child
 
-CHILD = """
-import contextvars, json, threading
-from concurrent.futures import ThreadPoolExecutor
-
+# Each child's Sentry: a transport that keeps the events in memory (nothing leaves the process), read at
+# the end through ``transport.events``.
+SENTRY_TRANSPORT = """
 import sentry_sdk
 from sentry_sdk.transport import Transport
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-import ctxprop
-
-ORDER = {order!r}
-ADAPTER = {adapter!r}
-REQUEST = contextvars.ContextVar("request", default="-")
 
 
 class ListTransport(Transport):
@@ -39,6 +30,20 @@ class ListTransport(Transport):
 
 
 transport = ListTransport()
+"""
+
+CHILD = SENTRY_TRANSPORT + """
+import contextvars, json, threading
+from concurrent.futures import ThreadPoolExecutor
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import ctxprop
+
+ORDER = {order!r}
+ADAPTER = {adapter!r}
+REQUEST = contextvars.ContextVar("request", default="-")
 
 
 def sentry_on():
@@ -149,28 +154,13 @@ def test_threads_see_everything_beside_threading_integration(order: str, adapter
     assert out["alive"] == [False, False, False]
 
 
-UNINSTRUMENT_CHILD = """
+UNINSTRUMENT_CHILD = SENTRY_TRANSPORT + """
 import contextvars, json, threading
-import sentry_sdk
-from sentry_sdk.transport import Transport
 import ctxprop
 
 ORDER = {order!r}
 REQUEST = contextvars.ContextVar("request", default="-")
 
-
-class ListTransport(Transport):
-    def __init__(self):
-        super().__init__()
-        self.events = []
-
-    def capture_envelope(self, envelope):
-        event = envelope.get_event()
-        if event is not None:
-            self.events.append(event)
-
-
-transport = ListTransport()
 original = threading.Thread.start
 if ORDER == "instrument-first":
     ctxprop.instrument()
