@@ -56,12 +56,9 @@ def main() -> None:
             total += future.result() + future.result()  # fetched twice, its span delivered once
             ctxprop.uninstrument()
         ctxprop.flush()
-        root_id = format(root.get_span_context().span_id, "016x")
-        loads = [s for s in collector.spans if s.name == "load partition"]
-        children = sum(s.parent_span_id == root_id for s in loads)
-        tagged = sum(s.attributes.get("tenant") == "acme" for s in loads)
-        print(f"total {total}; {len(loads)}/5 worker spans reached the collector")
-        print(f"{children}/5 are children of 'nightly load'; {tagged}/5 carry tenant=acme")
+        loads = collector.tally("load partition", parent=root, tag=("tenant", "acme"))
+        print(f"total {total}; {loads.arrived}/5 worker spans reached the collector")
+        print(f"{loads.children}/5 are children of 'nightly load'; {loads.tagged}/5 carry tenant=acme")
         ctxprop.close()
 
 

@@ -43,12 +43,12 @@ def main() -> None:
                 print(f"{backend:>15}: tasks saw experiment={sorted({tag for _, tag in results})}")
         ctxprop.uninstrument()
         ctxprop.flush()
-        root_id = format(root.get_span_context().span_id, "016x")
-        folds = [s for s in collector.spans if s.name == "score fold"]
-        children = sum(s.parent_span_id == root_id for s in folds)
-        tagged = sum(s.attributes.get("experiment") == "lr-0.1" for s in folds)
-        print(f"{len(folds)}/12 task spans reached the collector, {children} children of 'cross-validate',")
-        print(f"{tagged} tagged experiment=lr-0.1")
+        folds = collector.tally("score fold", parent=root, tag=("experiment", "lr-0.1"))
+        print(
+            f"{folds.arrived}/12 task spans reached the collector, "
+            f"{folds.children} children of 'cross-validate',"
+        )
+        print(f"{folds.tagged} tagged experiment=lr-0.1")
         ctxprop.close()
 
 

@@ -39,13 +39,13 @@ def main() -> None:
             ctxprop.set_tag("batch", "2024-06-01")
             pids = set(pool.map(resize, range(6)))
         pool.shutdown()  # the worker spans were sent before this returns
-        batch_id = format(batch.get_span_context().span_id, "016x")
-        workers = [s for s in collector.spans if s.name == "resize"]
-        children = sum(s.parent_span_id == batch_id for s in workers)
-        tagged = sum(s.attributes.get("batch") == "2024-06-01" for s in workers)
+        workers = collector.tally("resize", parent=batch, tag=("batch", "2024-06-01"))
         print(f"6 tasks ran in worker processes, none in the parent: {os.getpid() not in pids}")
-        print(f"{len(workers)}/6 worker spans reached the collector before shutdown() returned")
-        print(f"{children}/6 are children of the 'batch' span; {tagged}/6 carry the tag batch=2024-06-01")
+        print(f"{workers.arrived}/6 worker spans reached the collector before shutdown() returned")
+        print(
+            f"{workers.children}/6 are children of the 'batch' span; "
+            f"{workers.tagged}/6 carry the tag batch=2024-06-01"
+        )
         ctxprop.close()
 
 

@@ -21,11 +21,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ctxprop import _stats
 
-__all__ = ["MODES", "OTLPReceiver", "ReceivedSpan", "count_spans", "decode_request"]
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+__all__ = ["MODES", "OTLPReceiver", "ReceivedSpan", "Tally", "count_spans", "decode_request"]
 
 MODES = ("ok", "503", "429", "slow", "die")
 
@@ -50,6 +53,14 @@ class ReceivedSpan:
     resource: dict[str, Any]
     events: tuple[tuple[str, dict[str, Any]], ...]
     kind: int
+
+
+class Tally(NamedTuple):
+    """What :meth:`OTLPReceiver.tally` counted among the spans of one name."""
+
+    arrived: int
+    children: int
+    tagged: int
 
 
 def _any_value(v: Any) -> Any:
@@ -360,6 +371,34 @@ class OTLPReceiver:
         """The headers of the last POST (names lower-cased)."""
         with self._cond:
             return dict(self._last_headers)
+
+    def tally(self, name: str, *, parent: Span, tag: tuple[str, Any]) -> Tally:
+        """Of the spans called ``name`` that arrived: how many, how many are children of ``parent``, and
+        how many carry the attribute ``tag`` (key, value). The examples' closing check.
+
+        >>> from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        >>> from opentelemetry.sdk.trace import TracerProvider
+        >>> from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        >>> with OTLPReceiver() as rx:
+        ...     provider = TracerProvider()
+        ...     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=rx.endpoint)))
+        ...     tracer = provider.get_tracer("doc")
+        ...     with tracer.start_as_current_span("root") as root:
+        ...         for tenant in ("acme", "acme", "other"):
+        ...             with tracer.start_as_current_span("step", attributes={"tenant": tenant}):
+        ...                 pass
+        ...     tracer.start_span("step").end()  # a root of its own
+        ...     rx.tally("step", parent=root, tag=("tenant", "acme"))
+        Tally(arrived=4, children=3, tagged=2)
+        """
+        parent_id = format(parent.get_span_context().span_id, "016x")
+        named = [s for s in self.spans if s.name == name]
+        key, value = tag
+        return Tally(
+            arrived=len(named),
+            children=sum(s.parent_span_id == parent_id for s in named),
+            tagged=sum(s.attributes.get(key) == value for s in named),
+        )
 
     def wait_for_spans(self, n: int, timeout: float) -> bool:
         """Block until at least ``n`` spans were accepted or ``timeout`` seconds passed."""
