@@ -80,6 +80,41 @@ def default_spool_dir(service_name: str | None) -> Path:
     return base / "ctxprop" / _sanitize(service_name)
 
 
+def open_spool(
+    directory: str | os.PathLike[str],
+    *,
+    max_bytes: float | None = None,
+    max_age: float | None = None,
+    fsync: bool | None = None,
+    read_only: bool = False,
+) -> Spool:
+    """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
+
+    ``max_bytes`` defaults to ``CTXPROP_SPOOL_MAX_BYTES``, else 64 MiB; ``max_age`` (seconds) to
+    ``CTXPROP_SPOOL_MAX_AGE``, else 7 days; ``inf`` means no cap. A symbolic link, another user's directory
+    or one that cannot be created gives a memory-only spool and one ``RuntimeWarning``. A directory of
+    this user with a wider mode is repaired to 0700.
+
+    ``fsync`` (default: ``CTXPROP_SPOOL_FSYNC``, else on) makes each durable write-ahead batch reach the
+    disk before its export starts, so it survives a power cut or kernel crash too. A write alone already
+    survives ``kill -9`` and ``os._exit`` (the kernel holds it), so it can be turned off where the disk is
+    slow and only process deaths matter.
+
+    ``read_only`` (``spool status``) opens an existing directory as it is: nothing is created, repaired,
+    recovered, dropped or deleted, and ``replay``/``purge`` do nothing; ``status()`` reports what is there.
+    """
+    if max_bytes is None:
+        max_bytes = spool_cap("CTXPROP_SPOOL_MAX_BYTES", DEFAULT_MAX_BYTES, os.environ, lenient=True)
+    if max_age is None:
+        max_age = spool_cap("CTXPROP_SPOOL_MAX_AGE", DEFAULT_MAX_AGE, os.environ, lenient=True)
+    if fsync is None:
+        setting = os.environ.get("CTXPROP_SPOOL_FSYNC", "1").strip().lower()
+        fsync = setting not in ("0", "false", "no", "off")
+    return _spool_disk.open_disk_spool(
+        Path(directory), max_bytes=max_bytes, max_age=max_age, fsync=fsync, read_only=read_only
+    )
+
+
 @dataclass(frozen=True)
 class SpoolStatus:
     """What a spool holds: ``Spool.status()`` and ``python -m ctxprop spool status``.
@@ -121,21 +156,8 @@ class Spool(abc.ABC):
     #: Why the spool is memory-only (None while it uses its directory).
     problem: str | None
 
-    @classmethod
-    def open(
-        cls,
-        directory: str | os.PathLike[str],
-        *,
-        max_bytes: float | None = None,
-        max_age: float | None = None,
-        fsync: bool | None = None,
-        read_only: bool = False,
-    ) -> Spool:
-        """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
-
-        See :func:`open_spool`.
-        """
-        return open_spool(directory, max_bytes=max_bytes, max_age=max_age, fsync=fsync, read_only=read_only)
+    #: :func:`open_spool`, the factory.
+    open = staticmethod(open_spool)
 
     @property
     def memory_only(self) -> bool:
@@ -213,41 +235,6 @@ class Spool(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def open_spool(
-    directory: str | os.PathLike[str],
-    *,
-    max_bytes: float | None = None,
-    max_age: float | None = None,
-    fsync: bool | None = None,
-    read_only: bool = False,
-) -> Spool:
-    """Open (creating it 0700 if needed) the spool in ``directory``; never raises.
-
-    ``max_bytes`` defaults to ``CTXPROP_SPOOL_MAX_BYTES``, else 64 MiB; ``max_age`` (seconds) to
-    ``CTXPROP_SPOOL_MAX_AGE``, else 7 days; ``inf`` means no cap. A symbolic link, another user's directory
-    or one that cannot be created gives a memory-only spool and one ``RuntimeWarning``. A directory of
-    this user with a wider mode is repaired to 0700.
-
-    ``fsync`` (default: ``CTXPROP_SPOOL_FSYNC``, else on) makes each durable write-ahead batch reach the
-    disk before its export starts, so it survives a power cut or kernel crash too. A write alone already
-    survives ``kill -9`` and ``os._exit`` (the kernel holds it), so it can be turned off where the disk is
-    slow and only process deaths matter.
-
-    ``read_only`` (``spool status``) opens an existing directory as it is: nothing is created, repaired,
-    recovered, dropped or deleted, and ``replay``/``purge`` do nothing; ``status()`` reports what is there.
-    """
-    if max_bytes is None:
-        max_bytes = spool_cap("CTXPROP_SPOOL_MAX_BYTES", DEFAULT_MAX_BYTES, os.environ, lenient=True)
-    if max_age is None:
-        max_age = spool_cap("CTXPROP_SPOOL_MAX_AGE", DEFAULT_MAX_AGE, os.environ, lenient=True)
-    if fsync is None:
-        setting = os.environ.get("CTXPROP_SPOOL_FSYNC", "1").strip().lower()
-        fsync = setting not in ("0", "false", "no", "off")
-    return _spool_disk.open_disk_spool(
-        Path(directory), max_bytes=max_bytes, max_age=max_age, fsync=fsync, read_only=read_only
-    )
 
 
 def spool_cap(name: str, default: float, environ: Mapping[str, str], *, lenient: bool) -> float:
