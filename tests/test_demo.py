@@ -1,4 +1,5 @@
-"""``python -m ctxprop demo`` end to end in a child process, its counting, and this capability's examples."""
+"""``python -m ctxprop demo`` end to end in a child process and its counting (this capability's examples
+are run, and their verdict lines checked, by tests/test_examples.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from support import REPO, child_env
 
 from ctxprop._devtools.demo import _Verdict
@@ -125,24 +125,3 @@ def test_verdict_counts_a_worker_under_the_wrong_round_as_orphaned() -> None:
     assert v.lost_tags == {"w3"}
     assert v.leaked == {"w3"}
     assert v.note(spans[3]) == "<- ORPHAN: not under round 2 (wrong parent)"
-
-
-# tests/test_examples.py runs every example for exit 0 and a silent stderr; these check that the examples
-# of this capability also show what they claim.
-EXPECTED = {
-    "short_script.py": "collector received 100/100 spans",
-    "asyncio_service.py": "8/8 requests: worker spans under their request span, request tags on them",
-    "sentry_scopes.py": "5/5 Sentry events carry their own job's tags; none leaked back",
-    "process_pool.py": "6/6 are children of the 'batch' span; 6/6 carry the tag batch=2024-06-01",
-    "subprocess_trace.py": "same trace as the parent: True; child of the parent's 'nightly' span: True",
-    "shell_child_proxy.py": "span 'load': child of nightly-etl, status error, events ['rows-rejected']",
-}
-
-
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_shows_its_point(name: str, tmp_path: Path) -> None:
-    """Each example prints its all-good verdict line (what it exists to show)."""
-    out = _run(str(REPO / "examples" / name), env={"CTXPROP_SPOOL_DIR": str(tmp_path / "spool")})
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stderr == ""
-    assert EXPECTED[name] in out.stdout.splitlines()
