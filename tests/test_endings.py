@@ -180,7 +180,8 @@ ready(codes=codes)
 
 @pytest.mark.parametrize("mode", ["refuse", "slow", "die", "503"])
 def test_collector_unavailable_close_is_bounded_and_silent(tmp_path: Path, mode: str) -> None:
-    """Collector refusing, hanging, dying mid-request or 503: close() returns in 3 s, rc 0, silent."""
+    """Collector refusing, hanging, dying mid-request or 503: close() returns by its 2 s deadline, rc 0,
+    silent."""
     rx = OTLPReceiver(mode="ok" if mode == "refuse" else mode, delay=60, retry_after=1).start()
     if mode == "refuse":
         rx.stop()
@@ -191,13 +192,13 @@ t0 = time.monotonic()
 ctxprop.close()
 ready(close_s=time.monotonic() - t0, stats=ctxprop.stats())
 """
-        res = run_child(_code(body, kw=", close_timeout=3.0"), env=_env(rx, tmp_path))
+        res = run_child(_code(body, kw=", close_timeout=2.0"), env=_env(rx, tmp_path))
     finally:
         rx.stop()
     assert res.returncode == 0
     assert res.stderr == ""
     close_s = res.last("close_s")
-    assert close_s < 3.0 + 1.5, f"close() took {close_s:.2f}s"
+    assert close_s < 2.0 + 1.5, f"close() took {close_s:.2f}s"
     stats = res.last("stats")
     assert stats.get("exported", 0) == 0
     assert stats.get("spooled", 0) == N  # what close() could not send waits in the spool

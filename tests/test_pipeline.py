@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -201,11 +202,16 @@ with trace.get_tracer("t").start_as_current_span("x"):
 ctxprop.close(1.5)
 print(json.dumps({"records": len(records)}))
 """
-    plain = run_child(code, env={"CTXPROP_SPOOL_DIR": str(tmp_path)})
+    # The two children are independent (each waits out its exporter's failures): run them side by side.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plain_run = pool.submit(run_child, code, env={"CTXPROP_SPOOL_DIR": str(tmp_path / "plain")})
+        configured = pool.submit(
+            run_child,
+            code.replace("sys.argv[-1]", '"configured"'),
+            env={"CTXPROP_SPOOL_DIR": str(tmp_path / "configured")},
+        ).result()
+        plain = plain_run.result()
     assert plain.returncode == 0
     assert plain.stderr == ""
-    configured = run_child(
-        code.replace("sys.argv[-1]", '"configured"'), env={"CTXPROP_SPOOL_DIR": str(tmp_path)}
-    )
     assert configured.returncode == 0
     assert configured.last("records") >= 1
