@@ -641,22 +641,34 @@ ctxprop.close()
     return Counter(s.name for s in rx.spans), ticks, t_kill
 
 
-def test_durable_mode_survives_kill_9(tmp_path: Path, receiver: OTLPReceiver) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def durable_kill(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Counter[str], list[tuple[int, float]], float]:
+    """One durable_kill_run for the module: the two tests below check different spans of the same run
+    (those ended before the kill's window, those ended during backoff), each on one random kill moment
+    as when each made a run of its own. Read-only."""
+    with OTLPReceiver() as rx:
+        return durable_kill_run(tmp_path_factory.mktemp("durable-kill"), rx)
+
+
+def test_durable_mode_survives_kill_9(
+    durable_kill: tuple[Counter[str], list[tuple[int, float]], float],
+) -> None:
     """Durable mode, collector down, kill -9 at a random moment: the spans that ended a flush window
     before the first export failed arrive with the next process, none twice."""
-    names, _ticks, _t_kill = durable_kill_run(tmp_path, receiver)
+    names, _ticks, _t_kill = durable_kill
     assert max(names.values()) == 1
     missing = [i for i in range(1000) if f"before-{i}" not in names]
     assert missing == []
 
 
 def test_durable_mode_survives_kill_9_for_spans_ended_during_backoff(
-    tmp_path: Path,
-    receiver: OTLPReceiver,  # noqa: F811
+    durable_kill: tuple[Counter[str], list[tuple[int, float]], float],
 ) -> None:
     """Durable mode, collector down: spans ended while earlier batches are failing are also on disk one
     flush window later, so every span that ended a window before the kill arrives, none twice."""
-    names, ticks, t_kill = durable_kill_run(tmp_path, receiver)
+    names, ticks, t_kill = durable_kill
     assert max(names.values()) == 1
     due = [i for i, t in ticks if t <= t_kill - DURABLE_WINDOW - DURABLE_SLACK]
     assert due
