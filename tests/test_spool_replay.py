@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,45 +43,58 @@ def replay_through_late_collector(
         return rx.span_count, duplicates(rx), result.last("stats")
 
 
-# The 50-300 ms band (20 batches, seed 1) is run, with these same checks, by the ten-runs test below.
-@pytest.mark.parametrize(
-    ("low", "high", "batches"),
-    [(0.3, 0.6, 10), (0.7, 1.3, 4)],
-    ids=["300-600ms", "0.7-1.3s"],
-)
+#: (spans received, duplicates among them, the replayer's stats, spans left in the spool) of one run.
+Run = tuple[int, int, dict[str, int], int]
+
+# The late bands the parametrized test covers: (low s, high s, batches of the 3000 spans), seed 1.
+BANDS = {"300-600ms": (0.3, 0.6, 10), "0.7-1.3s": (0.7, 1.3, 4)}
+
+
+def background_run(spool_dir: Path, low: float, high: float, batches: int, seed: int) -> Run:
+    """Spool 3000 spans in ``batches`` from one process, replay them in the background from another."""
+    fill_spool(spool_dir, batches, SPANS // batches)
+    received, dups, stats = replay_through_late_collector(spool_dir, low, high, seed=seed)
+    return received, dups, stats, Spool.open(spool_dir).status().spans
+
+
+@pytest.fixture(scope="module")
+def background_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Run]]]:
+    """Every background replay this module checks, started together: the two bands (seed 1) and the ten
+    50-300 ms runs (seeds 0-9). Each run has its own spool, seeded late collector and replaying process;
+    side by side, the module waits on the collectors' late answers once instead of twelve times in a
+    row, and each run's slice boundaries fall under its neighbours' jitter (harder on timing, not
+    easier). The results are read-only; each test checks its own runs."""
+    root = tmp_path_factory.mktemp("replays")
+    jobs = {name: (*band, 1) for name, band in BANDS.items()}
+    jobs.update({f"ten-{seed}": (0.05, 0.3, 20, seed) for seed in range(10)})
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        yield {name: pool.submit(background_run, root / name, *job) for name, job in jobs.items()}
+
+
+@pytest.mark.parametrize("band", sorted(BANDS, reverse=True))
 def test_background_replay_sends_no_span_twice_through_a_late_collector(
-    tmp_path: Path, low: float, high: float, batches: int
+    background_runs: dict[str, Future[Run]], band: str
 ) -> None:
     """Replaying 3000 spooled spans through a collector that keeps each request and answers it late
     delivers each span exactly once, and leaves the spool empty."""
-    spool_dir = tmp_path / "spool"
-    fill_spool(spool_dir, batches, SPANS // batches)
-    received, dups, stats = replay_through_late_collector(spool_dir, low, high, seed=1)
+    # The 50-300 ms band (20 batches, seed 1) is run, with these same checks, by the ten-runs test below.
+    received, dups, stats, left = background_runs[band].result()
     assert dups == 0
     assert received == SPANS
     assert stats.get("spool_replayed_spans") == SPANS
     assert_books_balance(stats, ended=0)  # the replayer ended no span of its own
-    assert Spool.open(spool_dir).status().spans == 0
+    assert left == 0
 
 
 @pytest.mark.slow
-def test_background_replay_is_exactly_once_in_ten_runs(tmp_path: Path) -> None:
-    """Ten runs of 3000 spooled spans through a 50-300 ms collector, all at once: in each, every span once
+def test_background_replay_is_exactly_once_in_ten_runs(background_runs: dict[str, Future[Run]]) -> None:
+    """Ten runs of 3000 spooled spans through a 50-300 ms collector, side by side: in each, every span once
     (none twice), the replayer's books balance, and the spool is left empty."""
-
-    # Each run is its own spool, collector (seeded 0-9) and replaying process; they run side by side, so
-    # the test waits on the collectors' late answers once instead of ten times in a row, and the runs'
-    # slice boundaries fall under the jitter of nine neighbours (harder, not easier, on timing). Seed 1
-    # is the 50-300 ms case of the test above, which ran it alone with the same checks.
-    def one_run(run: int) -> tuple[int, int, int | None, int]:
-        spool_dir = tmp_path / f"spool-{run}"
-        fill_spool(spool_dir, 20, SPANS // 20)
-        received, dups, stats = replay_through_late_collector(spool_dir, 0.05, 0.3, seed=run)
+    found = []
+    for seed in range(10):
+        received, dups, stats, left = background_runs[f"ten-{seed}"].result()
         assert_books_balance(stats, ended=0)  # the replayer ended no span of its own
-        return received, dups, stats.get("spool_replayed_spans"), Spool.open(spool_dir).status().spans
-
-    with ThreadPoolExecutor(max_workers=10) as pool:
-        found = list(pool.map(one_run, range(10)))
+        found.append((received, dups, stats.get("spool_replayed_spans"), left))
     assert found == [(SPANS, 0, SPANS, 0)] * 10
 
 
