@@ -19,6 +19,7 @@ request with protobuf's C parser and counts), so it does not compete for this pr
 from __future__ import annotations
 
 import argparse
+import gc
 import http.client
 import json
 import statistics
@@ -133,27 +134,88 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
-def one_round(name: str, collector: Collector, n: int) -> tuple[float, float, float]:
+class GCTimer:
+    """Wall time spent in the garbage collector (every thread's collections), from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._t0
+
+
+def one_round(name: str, collector: Collector, n: int) -> tuple[float, float, float, float]:
     procs, resource = CONTENDERS[name](collector.endpoint, n + 1)
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     for proc in procs:
         provider.add_span_processor(proc)
     tracer = provider.get_tracer("bench")
     base = collector.spans()
-    c0 = time.process_time()  # every thread of this process: the app's, the exporter's, the GC's
-    t0 = time.perf_counter()
-    for i in range(n):
-        span = tracer.start_span("op")
-        span.set_attribute("i", i)
-        span.set_attribute("route", "/items/{id}")
-        span.set_attribute("ok", True)
-        span.end()
-    t1 = time.perf_counter()
-    provider.force_flush(120_000)
-    t2 = collector.wait_for(base + n)
-    c2 = time.process_time()
+    gc_timer = GCTimer()
+    gc.callbacks.append(gc_timer)
+    try:
+        c0 = time.process_time()  # every thread of this process: the app's, the exporter's, the GC's
+        t0 = time.perf_counter()
+        for i in range(n):
+            span = tracer.start_span("op")
+            span.set_attribute("i", i)
+            span.set_attribute("route", "/items/{id}")
+            span.set_attribute("ok", True)
+            span.end()
+        t1 = time.perf_counter()
+        provider.force_flush(120_000)
+        t2 = collector.wait_for(base + n)
+        c2 = time.process_time()
+    finally:
+        gc.callbacks.remove(gc_timer)
     provider.shutdown()
-    return (t1 - t0) / n, n / (t2 - t0), (c2 - c0) / n
+    return (t1 - t0) / n, n / (t2 - t0), (c2 - c0) / n, gc_timer.total / n
+
+
+def queue_memory(endpoint: str, n: int = 10_000) -> dict[str, float]:
+    """Bytes of memory per span waiting in the queue (``tracemalloc``), for the stock processor and for
+    ctxprop's pipeline, neither exporting while it is measured."""
+    import tracemalloc
+
+    size, never = n + 1, 1e9  # room for every span, and no scheduled export
+    builders: dict[str, Callable[[], tuple[list[SpanProcessor], Resource]]] = {
+        "stock": lambda: (
+            [BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), size, never, size)],
+            Resource.create({}),
+        ),
+        "ctxprop": lambda: (
+            [
+                ScopeTagSpanProcessor(),
+                CtxpropSpanProcessor(None, size, never, size, sender=OTLPSender(endpoint)),
+            ],
+            stable_resource(Resource.create({})),
+        ),
+    }
+    out: dict[str, float] = {}
+    for name, build in builders.items():
+        procs, resource = build()
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        for proc in procs:
+            provider.add_span_processor(proc)
+        tracer = provider.get_tracer("bench")
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            span = tracer.start_span("op")
+            span.set_attribute("i", i)
+            span.set_attribute("route", "/items/{id}")
+            span.set_attribute("ok", True)
+            span.end()
+        gc.collect()
+        out[name] = (tracemalloc.get_traced_memory()[0] - before) / n
+        tracemalloc.stop()
+        provider.shutdown()
+    return out
 
 
 def bench_spans(n: int, first: int = 0) -> list[Any]:
@@ -265,7 +327,7 @@ def main() -> None:
     )
 
     collector = Collector()
-    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in CONTENDERS}
+    results: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in CONTENDERS}
     try:
         one_round(next(iter(CONTENDERS)), collector, 2000)  # warm imports, connections, caches
         for r in range(rounds):
@@ -274,30 +336,37 @@ def main() -> None:
                 order.reverse()  # interleave so drift in machine load hits every contender alike
             for name in order:
                 results[name].append(one_round(name, collector, n))
+        memory = queue_memory(collector.endpoint)
     finally:
         collector.close()
 
     base = BASE
-    med: dict[str, tuple[float, float, float]] = {}
+    med: dict[str, tuple[float, float, float, float]] = {}
     for k, v in results.items():
         med[k] = (
-            statistics.median(c for c, _, _ in v),
-            statistics.median(t for _, t, _ in v),
-            statistics.median(p for _, _, p in v),
+            statistics.median(r[0] for r in v),
+            statistics.median(r[1] for r in v),
+            statistics.median(r[2] for r in v),
+            statistics.median(r[3] for r in v),
         )
     print(f"{n} spans x {rounds} rounds, interleaved; medians")
     print(
         f"{'contender':52} {'app us/span':>11} {'x BSP':>7} {'e2e spans/s':>12} {'x BSP':>7}"
-        f" {'CPU us/span':>11} {'x BSP':>7}"
+        f" {'CPU us/span':>11} {'x BSP':>7} {'GC us/span':>10}"
     )
-    b_cost, b_tput, b_cpu = med[base]
-    for k, (cost, tput, cpu) in med.items():
+    b_cost, b_tput, b_cpu, _ = med[base]
+    for k, (cost, tput, cpu, gc_cost) in med.items():
         print(
             f"{k:52} {cost * 1e6:11.2f} {cost / b_cost:7.2f} {tput:12.0f} {tput / b_tput:7.2f}"
-            f" {cpu * 1e6:11.2f} {cpu / b_cpu:7.2f}"
+            f" {cpu * 1e6:11.2f} {cpu / b_cpu:7.2f} {gc_cost * 1e6:10.2f}"
         )
     print("(budgets for ctxprop's pipeline: app-thread cost <= 0.6x BSP, end-to-end >= 2x BSP;")
-    print(" CPU: the whole process's CPU time from the first span to the last one delivered, per span)")
+    print(" CPU: the whole process's CPU time from the first span to the last one delivered, per span;")
+    print(" GC: time in the garbage collector over the same span, per span)")
+    print(
+        f"\nmemory per queued span (tracemalloc, 10000 spans waiting): stock {memory['stock']:.0f} bytes,"
+        f" ctxprop {memory['ctxprop']:.0f} bytes ({memory['stock'] / memory['ctxprop']:.1f}x less)"
+    )
 
     print("\nclose() at the end of a short script (200 spans), seconds:")
     with tempfile.TemporaryDirectory() as spool:
