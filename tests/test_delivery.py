@@ -189,7 +189,8 @@ proc = ctxprop._pipeline.current_processor()
 while proc._inflight is None:
     time.sleep(0.005)
 out(ready=True, ready_at=time.monotonic())  # the parent sends SIGTERM as soon as it reads this line
-time.sleep(60)
+for _ in range(3000):  # short sleeps, so the handler runs even if SIGTERM lands just before one starts
+    time.sleep(0.02)
 """
     with serving("trickle") as col:
         res = run_child(body, env=_env(col.endpoint, tmp_path), timeout=30, signal_after_line="ready")

@@ -27,6 +27,14 @@ def make_spans(prefix, n={N}):
 
 def ready(**extra):
     print(json.dumps({{"ready": True, **extra}}), flush=True)
+
+def linger(seconds=60):
+    # Short sleeps: Python runs a signal's handler between bytecodes, so a signal that lands after the
+    # last check and before one long sleep starts would wait the whole sleep out (the parent signals the
+    # moment it reads "ready"). A loop sees it within 20 ms.
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.02)
 """
 
 INIT = 'ctxprop.init(service_name="endings", endpoint=os.environ["EP"]{kw})\n'
@@ -87,7 +95,7 @@ def test_unhandled_exception_delivers_all(receiver: OTLPReceiver, tmp_path: Path
 def test_sigterm_without_handler_dies_by_sigterm(receiver: OTLPReceiver, tmp_path: Path) -> None:
     """SIGTERM flushes, then the process still dies by SIGTERM (status -15), silently."""
     res = run_child(
-        _code('make_spans("main")\nready()\ntime.sleep(60)\n'),
+        _code('make_spans("main")\nready()\nlinger()\n'),
         env=_env(receiver, tmp_path),
         signal_after_line='"ready"',
         sig=signal.SIGTERM,
@@ -112,7 +120,7 @@ def test_sigterm_chains_app_handler(receiver: OTLPReceiver, tmp_path: Path, when
     before = APP_HANDLER + (install if when == "before_init" else "")
     after = install if when == "after_init" else ""
     body = after + (
-        'assert signal.getsignal(signal.SIGTERM) is on_term\nmake_spans("main")\nready()\ntime.sleep(60)\n'
+        'assert signal.getsignal(signal.SIGTERM) is on_term\nmake_spans("main")\nready()\nlinger()\n'
     )
     res = run_child(
         _code(body, before_init=before),
@@ -143,7 +151,7 @@ def test_handle_signals_false_leaves_sigterm_alone(receiver: OTLPReceiver, tmp_p
 def test_sigint_keyboardinterrupt_delivers(receiver: OTLPReceiver, tmp_path: Path) -> None:
     """Ctrl-C (SIGINT -> KeyboardInterrupt) delivers; the status stays Python's own (-2)."""
     res = run_child(
-        _code('make_spans("main")\nready()\ntime.sleep(60)\n'),
+        _code('make_spans("main")\nready()\nlinger()\n'),
         env=_env(receiver, tmp_path),
         signal_after_line='"ready"',
         sig=signal.SIGINT,
