@@ -27,13 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from opentelemetry.trace import Tracer
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # The same loopback collector process as the pipeline benchmark (this directory is on sys.path).
-from bench_pipeline import Collector  # noqa: E402
+from bench_pipeline import Collector, make_spans  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
@@ -51,16 +49,6 @@ MODES = {
     "durable=True (fdatasync per batch)": (True, True),
     "durable=True, CTXPROP_SPOOL_FSYNC=0": (True, False),
 }
-
-
-def make_spans(tracer: Tracer, n: int) -> None:
-    """``n`` spans as an application makes them: start, 3 attributes, end."""
-    for i in range(n):
-        span = tracer.start_span("op")
-        span.set_attribute("i", i)
-        span.set_attribute("route", "/items/{id}")
-        span.set_attribute("ok", True)
-        span.end()
 
 
 def one_round(mode: str, collector: Collector, spool_dir: str, n: int) -> tuple[float, float, float]:

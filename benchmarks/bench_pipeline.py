@@ -39,6 +39,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource  # noqa: E402
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
+from opentelemetry.trace import Tracer  # noqa: E402
 
 from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
 from ctxprop._spool import Spool  # noqa: E402
@@ -134,6 +135,24 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
+def pipeline(procs: list[SpanProcessor], resource: Resource) -> tuple[TracerProvider, Tracer]:
+    """A provider with these processors, in order, and the benchmark's tracer from it."""
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    for proc in procs:
+        provider.add_span_processor(proc)
+    return provider, provider.get_tracer("bench")
+
+
+def make_spans(tracer: Tracer, n: int) -> None:
+    """``n`` spans as an application makes them: start, 3 attributes, end."""
+    for i in range(n):
+        span = tracer.start_span("op")
+        span.set_attribute("i", i)
+        span.set_attribute("route", "/items/{id}")
+        span.set_attribute("ok", True)
+        span.end()
+
+
 class GCTimer:
     """Wall time spent in the garbage collector (every thread's collections), from ``gc.callbacks``."""
 
@@ -150,22 +169,14 @@ class GCTimer:
 
 def one_round(name: str, collector: Collector, n: int) -> tuple[float, float, float, float]:
     procs, resource = CONTENDERS[name](collector.endpoint, n + 1)
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    for proc in procs:
-        provider.add_span_processor(proc)
-    tracer = provider.get_tracer("bench")
+    provider, tracer = pipeline(procs, resource)
     base = collector.spans()
     gc_timer = GCTimer()
     gc.callbacks.append(gc_timer)
     try:
         c0 = time.process_time()  # every thread of this process: the app's, the exporter's, the GC's
         t0 = time.perf_counter()
-        for i in range(n):
-            span = tracer.start_span("op")
-            span.set_attribute("i", i)
-            span.set_attribute("route", "/items/{id}")
-            span.set_attribute("ok", True)
-            span.end()
+        make_spans(tracer, n)
         t1 = time.perf_counter()
         provider.force_flush(120_000)
         t2 = collector.wait_for(base + n)
@@ -198,19 +209,11 @@ def queue_memory(endpoint: str, n: int = 10_000) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, build in builders.items():
         procs, resource = build()
-        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        for proc in procs:
-            provider.add_span_processor(proc)
-        tracer = provider.get_tracer("bench")
+        provider, tracer = pipeline(procs, resource)
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        for i in range(n):
-            span = tracer.start_span("op")
-            span.set_attribute("i", i)
-            span.set_attribute("route", "/items/{id}")
-            span.set_attribute("ok", True)
-            span.end()
+        make_spans(tracer, n)
         gc.collect()
         out[name] = (tracemalloc.get_traced_memory()[0] - before) / n
         tracemalloc.stop()
