@@ -2,12 +2,16 @@
 deadline for the whole request.
 
 Spans are encoded once, by the processor (``_encoding``); the same bytes can then be sent, retried,
-spooled and replayed without encoding again. The POST goes over ``requests`` (which the official
-exporter depends on too); headers, compression, TLS settings and ``Retry-After`` parsing are done here,
-with no private OpenTelemetry name. A socket timeout bounds each read, not the request: a collector
-trickling its answer one byte a second would hold the caller for ever. So each request also arms a
-timer that, at the deadline, shuts the request's socket down, which ends any blocked connect, send or
-read at once.
+spooled and replayed without encoding again. The POST is written here, on keep-alive sockets, and its
+answer is parsed by the standard library's ``http.client``; headers, compression, TLS settings, proxies
+and ``Retry-After`` parsing are done here, with no private OpenTelemetry name. A socket timeout bounds
+each read, not the request: a collector trickling its answer one byte a second would hold the caller for
+ever. So every connect, send and read is given what is left of the request's deadline as its timeout,
+and the request ends at the deadline however the collector answers.
+
+Under the GIL the export thread's CPU is the application's: a request is one ``sendall`` and one
+response read, with nothing per request that starts a thread, scans the environment or builds a
+session.
 
 >>> sender = OTLPSender("http://127.0.0.1:9/v1/traces")
 >>> sender(b"", 0.5).ok
@@ -17,14 +21,20 @@ False
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import gzip
+import http.client
+import io
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
+import urllib.parse
+import weakref
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -142,91 +152,130 @@ def _env_path(*names: str) -> str | None:
     return None
 
 
-class _Attempt:
-    """One request's connection, so a timer on another thread can cut it at the deadline."""
+class _Deadline:
+    """The whole request's deadline; every connect, send and read of the request waits at most until it."""
 
-    __slots__ = ("abandoned", "conn", "lock")
+    __slots__ = ("at",)
 
     def __init__(self) -> None:
-        self.conn: Any = None
-        self.abandoned = False
-        self.lock = threading.Lock()
+        self.at = 0.0
 
-    def attach(self, conn: Any) -> None:
-        with self.lock:
-            self.conn = conn
-            abandoned = self.abandoned
-        if abandoned:
-            _shut(conn)
-
-    def abandon(self) -> None:
-        with self.lock:
-            self.abandoned = True
-            conn = self.conn
-        if conn is not None:
-            _shut(conn)
+    def remaining(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline has passed")
+        return left
 
 
-def _shut(conn: Any) -> None:
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
+class _BoundedReader(io.RawIOBase):
+    """The socket as the response parser reads it: each read waits at most until the request's deadline,
+    so an answer trickled a byte at a time ends at the deadline, not a socket timeout per byte later."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._deadline.remaining())
+        return self._sock.recv_into(buffer)
+
+
+class _Connection:
+    """One keep-alive connection to the collector (or through a proxy to it)."""
+
+    __slots__ = ("deadline", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        # What http.client.HTTPResponse reads the status line, headers and body from.
+        return io.BufferedReader(_BoundedReader(self.sock, self.deadline))
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(self.deadline.remaining())  # sendall's timeout bounds the whole send
+        self.sock.sendall(data)
+
+    def answer(self, method: str = "POST") -> http.client.HTTPResponse:
+        resp = http.client.HTTPResponse(self, method=method)  # type: ignore[arg-type]  # reads makefile()
+        resp.begin()
+        return resp
+
+    def close(self) -> None:
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
 
 
-_current = threading.local()
+@dataclass(frozen=True)
+class _Route:
+    """Where the POSTs go, decided once from the endpoint and the environment's proxy."""
+
+    tls: bool  # https endpoint
+    host: str  # the collector's host and port (TLS server name, Host header, CONNECT target)
+    port: int
+    connect: tuple[str, int]  # what the socket connects to: the collector, or the proxy
+    target: str  # the request-target: path and query, or the absolute URL for a plain-HTTP proxy
+    tunnel: bool  # https through a proxy: CONNECT first
+    proxy_auth: str | None  # Proxy-Authorization value from the proxy URL's credentials
 
 
-def _build_session(auth: Any) -> Any:
-    """A ``requests`` session whose connections register with the running attempt, reading nothing from
-    the environment per request (see :func:`_from_environment`)."""
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+def _route(endpoint: str, proxies: Mapping[str, str]) -> _Route:
+    from requests.utils import get_auth_from_url, select_proxy
 
-    def _register(conn: Any) -> None:
-        attempt = getattr(_current, "attempt", None)
-        if attempt is not None:
-            attempt.attach(conn)
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"the OTLP endpoint must be an http(s):// URL with a host: {_redact(endpoint)!r}")
+    tls = url.scheme == "https"
+    port = url.port or (443 if tls else 80)
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    proxy = select_proxy(endpoint, dict(proxies))
+    if not proxy:
+        return _Route(tls, url.hostname, port, (url.hostname, port), path, False, None)
+    purl = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if purl.scheme != "http" or not purl.hostname:
+        raise ValueError(
+            f"ctxprop sends through http:// proxies only; the environment names {_redact(proxy)!r} for"
+            f" {_redact(endpoint)!r} (set NO_PROXY for the collector's host, or an http:// proxy)"
+        )
+    user, password = get_auth_from_url(purl.geturl())
+    auth = _basic(user, password) if user or password else None
+    via = (purl.hostname, purl.port or 80)
+    if tls:
+        return _Route(True, url.hostname, port, via, path, True, auth)
+    netloc = _host_port(url.hostname, port, 80)
+    absolute = urllib.parse.urlunsplit(("http", netloc, url.path or "/", url.query, ""))
+    return _Route(False, url.hostname, port, via, absolute, False, auth)
 
-    class _Conn(HTTPConnection):
-        def request(self, *args: Any, **kwargs: Any) -> Any:
-            _register(self)
-            return super().request(*args, **kwargs)
 
-    class _TLSConn(HTTPSConnection):
-        def request(self, *args: Any, **kwargs: Any) -> Any:
-            _register(self)
-            return super().request(*args, **kwargs)
+def _redact(url: str) -> str:
+    """A URL without its credentials, fit for an error message."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
 
-    class _Pool(HTTPConnectionPool):
-        ConnectionCls = _Conn
 
-    class _TLSPool(HTTPSConnectionPool):
-        ConnectionCls = _TLSConn
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
 
-    class _Adapter(HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
-    session = requests.Session()
-    session.trust_env = False
-    session.auth = auth
-    adapter = _Adapter(pool_connections=1, pool_maxsize=4, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+def _host_port(host: str, port: int, default: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port == default else f"{shown}:{port}"
 
 
 def _from_environment(endpoint: str, verify: Any) -> tuple[dict[str, str], Any, Any]:
     """What ``requests`` reads from the environment on every request, read once for this endpoint: its
     proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), the CA bundle (``REQUESTS_CA_BUNDLE``,
     ``CURL_CA_BUNDLE``) when no OTLP certificate is set, and ``~/.netrc`` credentials for its host.
-
-    Per request, scanning the environment took about a third of the export thread's time for each POST
-    (every ``os.environ`` entry is decoded, twice) and ``~/.netrc`` was looked up again.
     """
     from requests.utils import get_environ_proxies, get_netrc_auth
 
@@ -237,14 +286,21 @@ def _from_environment(endpoint: str, verify: Any) -> tuple[dict[str, str], Any, 
 
 
 class OTLPSender:
-    """Sends encoded payloads to one OTLP/HTTP traces endpoint over a keep-alive session.
+    """Sends encoded payloads to one OTLP/HTTP traces endpoint over keep-alive connections.
 
     ``sender(payload, timeout)`` makes one attempt (plus one immediate retry of a stale pooled
-    connection, within the same timeout), never takes longer than ``timeout`` (plus the time to shut a
-    socket down), and returns a :class:`SendOutcome`; it never raises. TLS settings come from
+    connection, within the same timeout), never takes longer than ``timeout`` (every connect, send and
+    read waits at most until the request's deadline; name resolution excepted), and returns a
+    :class:`SendOutcome`; it never raises. TLS settings come from
     ``OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`` / ``..._CLIENT_KEY`` / ``..._CLIENT_CERTIFICATE`` (or the
-    ``OTEL_EXPORTER_OTLP_*`` ones), as with the official exporter. Proxies, the requests CA bundle and
-    ``~/.netrc`` come from the environment as ``requests`` reads them, once, when the sender is made.
+    ``OTEL_EXPORTER_OTLP_*`` ones), as with the official exporter; without a certificate, the CA bundle
+    is ``REQUESTS_CA_BUNDLE``, else certifi's, as ``requests`` verifies. Proxies (``http://`` ones; any
+    other scheme is refused here, with its reason) and ``~/.netrc`` come from the environment as
+    ``requests`` reads them, once, when the sender is made.
+
+    A request is one ``sendall`` of its head and body and one response read: nothing per request
+    starts a thread or reads the environment. (Through ``requests`` a POST cost the export thread about
+    20 times the CPU, and started a timer thread to bound it.)
     """
 
     def __init__(
@@ -256,11 +312,6 @@ class OTLPSender:
     ) -> None:
         self.endpoint = endpoint
         self._compression = compression
-        hdrs = {"content-type": "application/x-protobuf", "user-agent": _user_agent()}
-        hdrs.update({k.lower(): v for k, v in (headers or {}).items()})
-        if compression != "none" and "content-encoding" not in hdrs:
-            hdrs["content-encoding"] = compression
-        self._headers = hdrs
         ca = _env_path("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE")
         self._verify: Any = ca if ca is not None else True
         cert = _env_path(
@@ -269,16 +320,46 @@ class OTLPSender:
         key = _env_path("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY")
         self._cert: Any = (cert, key) if cert and key else cert
         self._proxies, self._verify, self._auth = _from_environment(endpoint, self._verify)
+        self._route = _route(endpoint, self._proxies)
+        hdrs = {
+            "host": _host_port(self._route.host, self._route.port, 443 if self._route.tls else 80),
+            "user-agent": _user_agent(),
+            "content-type": "application/x-protobuf",
+        }
+        url_user, url_password = (
+            urllib.parse.unquote(urllib.parse.urlsplit(endpoint).username or ""),
+            (urllib.parse.unquote(urllib.parse.urlsplit(endpoint).password or "")),
+        )
+        if url_user or url_password:
+            hdrs["authorization"] = _basic(url_user, url_password)
+        elif self._auth:
+            hdrs["authorization"] = _basic(*self._auth)
+        if self._route.proxy_auth and not self._route.tunnel:
+            hdrs["proxy-authorization"] = self._route.proxy_auth
+        # Headers the user configured (OTEL_EXPORTER_OTLP_HEADERS) win over what is derived above.
+        hdrs.update({k.lower(): v for k, v in (headers or {}).items()})
+        if compression != "none" and "content-encoding" not in hdrs:
+            hdrs["content-encoding"] = compression
+        hdrs.pop("content-length", None)
+        self._headers = hdrs
+        self._head = (
+            f"POST {self._route.target} HTTP/1.1\r\n"
+            + "".join(f"{_header_name(k)}: {_header_value(v)}\r\n" for k, v in hdrs.items())
+        ).encode("latin-1")
         self._lock = threading.Lock()
+        # Pooled keep-alive connections. The list object stays the same for the sender's life, so the
+        # finalizer closes what it holds when a sender is dropped without close().
+        self._idle: list[_Connection] = []
+        weakref.finalize(self, _close_all, self._idle)
+        self._tls: ssl.SSLContext | None = None
         self._pid = os.getpid()
-        self._session = _build_session(self._auth)
         _import_send_path()
 
     def reset_after_fork(self) -> None:
-        """In a forked child: a new session; the parent's pooled sockets are its own."""
+        """In a forked child: no pooled connection (the parent's sockets are its own)."""
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._session = _build_session(self._auth)
+        _close_all(self._idle)  # this process's copies of the descriptors; the parent's connections live on
 
     def _compress(self, payload: bytes) -> bytes:
         if self._compression == "gzip":
@@ -305,68 +386,102 @@ class OTLPSender:
 
     def _post(self, data: bytes, deadline: float) -> tuple[SendOutcome, bool]:
         """One POST by ``deadline``: (outcome, whether it failed on a stale pooled connection)."""
-        import requests
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        reused = conn is not None
+        try:
+            if conn is None:
+                box = _Deadline()
+                box.at = deadline
+                conn = _Connection(self._open(box), box)
+            conn.deadline.at = deadline
+            conn.sendall(self._head + b"Content-Length: %d\r\n\r\n" % len(data) + data)
+            resp = conn.answer()
+            body = resp.read(_MAX_BODY)
+            keep = resp.isclosed() and not resp.will_close  # the whole answer read, and no "close"
+            status, headers = resp.status, resp.headers
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if conn is not None:
+                conn.close()
+            return _NO_ANSWER, reused and _is_stale_connection(exc)
+        if keep:
+            with self._lock:
+                if self._pid == os.getpid() and len(self._idle) < 2:
+                    self._idle.append(conn)
+                    conn = None
+        if conn is not None:
+            conn.close()
+        return _outcome(status, headers, body), False
 
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return _NO_ANSWER, False
-        attempt = _Attempt()
-        timer: threading.Timer | None = threading.Timer(remaining, attempt.abandon)
-        assert timer is not None  # noqa: S101 - for mypy: set just above
-        timer.daemon = True
+    def _open(self, deadline: _Deadline) -> socket.socket:
+        route = self._route
+        sock = socket.create_connection(route.connect, timeout=deadline.remaining())
         try:
-            timer.start()
-        except RuntimeError:
-            # No thread at interpreter shutdown (3.12+): the socket timeouts alone bound each read.
-            timer = None
-        _current.attempt = attempt
-        try:
-            resp = self._session.post(
-                self.endpoint,
-                data=data,
-                headers=self._headers,
-                timeout=(remaining, remaining),
-                proxies=self._proxies,
-                verify=self._verify,
-                cert=self._cert,
-                stream=True,
-                allow_redirects=False,
-            )
-            try:
-                body = _read_body(resp, deadline)
-            finally:
-                resp.close()
-        except requests.RequestException as exc:
-            stale = not attempt.abandoned and _is_stale_connection(exc)
-            return _NO_ANSWER, stale
-        finally:
-            _current.attempt = None
-            if timer is not None:
-                timer.cancel()
-                # Joined so no timer thread outlives the request (a fork right after stays clean).
-                timer.join()
-        if attempt.abandoned:
-            return _NO_ANSWER, False
-        return _outcome(resp.status_code, resp.headers, body), False
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if route.tunnel:
+                conn = _Connection(sock, deadline)
+                target = _host_port(route.host, route.port, -1)
+                auth = f"Proxy-Authorization: {route.proxy_auth}\r\n" if route.proxy_auth else ""
+                conn.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode("latin-1"))
+                answer = conn.answer("CONNECT")
+                if answer.status != 200:
+                    raise OSError(f"the proxy answered {answer.status} to CONNECT")
+            if route.tls:
+                tls = self._tls_context().wrap_socket(
+                    sock, server_hostname=route.host, do_handshake_on_connect=False
+                )
+                sock = tls
+                tls.settimeout(deadline.remaining())
+                tls.do_handshake()  # the timeout bounds the whole handshake
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            verify = self._verify
+            if verify is True:
+                try:
+                    import certifi
+
+                    verify = certifi.where()
+                except ImportError:  # pragma: no cover - certifi comes with requests
+                    verify = None
+            ctx = ssl.create_default_context()
+            if isinstance(verify, str):
+                if os.path.isdir(verify):
+                    ctx.load_verify_locations(capath=verify)
+                else:
+                    ctx.load_verify_locations(cafile=verify)
+            if self._cert:
+                cert, key = self._cert if isinstance(self._cert, tuple) else (self._cert, None)
+                ctx.load_cert_chain(cert, key)
+            self._tls = ctx
+        return self._tls
 
     def close(self) -> None:
-        """Close the keep-alive session (idempotent)."""
-        with contextlib.suppress(Exception):
-            self._session.close()
+        """Close the pooled connections (idempotent)."""
+        with self._lock:
+            _close_all(self._idle)
 
 
-def _read_body(resp: Any, deadline: float) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in resp.iter_content(8192):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= _MAX_BODY or time.monotonic() >= deadline:
-            break
-    return b"".join(chunks)
+def _close_all(conns: list[_Connection]) -> None:
+    while conns:
+        conns.pop().close()
 
 
-def _outcome(status: int, headers: Mapping[str, str], body: bytes) -> SendOutcome:
+def _header_name(name: str) -> str:
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+def _header_value(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("an OTLP header value holds a line break")
+    return value
+
+
+def _outcome(status: int, headers: Mapping[str, str] | http.client.HTTPMessage, body: bytes) -> SendOutcome:
     if 200 <= status < 300:
         rejected, message = _partial_success(body)
         if rejected or message:
@@ -433,7 +548,7 @@ def _import_send_path() -> None:
 
 
 def _is_stale_connection(error: BaseException) -> bool:
-    # A pooled keep-alive connection the server already closed fails at once with a disconnect; a new
-    # connection usually works. Refused connections and timeouts are not worth an immediate retry.
-    text = repr(error)
-    return "RemoteDisconnected" in text or "ConnectionResetError" in text or "BrokenPipe" in text
+    # A pooled keep-alive connection the server already closed fails at once with a disconnect (no
+    # status line, a reset, a broken pipe); a new connection usually works. Refused connections and
+    # timeouts are not worth an immediate retry.
+    return isinstance(error, (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected))

@@ -1,17 +1,26 @@
 """The OTLP/HTTP transport reads the environment as ``requests`` does, once: proxies (with NO_PROXY), the
-requests CA bundle and ~/.netrc; a real forward proxy on loopback sees the requests it should see."""
+requests CA bundle and ~/.netrc; a real forward proxy on loopback (plain and CONNECT) sees the requests it
+should see. A real TLS collector on loopback checks certificates; keep-alive, the stale-connection retry
+and the whole-request deadline are checked against real sockets, and no request starts a thread."""
 
 from __future__ import annotations
 
 import http.client
 import http.server
+import select
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import support
+from collectors import serving
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
@@ -59,6 +68,30 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_CONNECT(self) -> None:
+        # An https:// collector through the proxy: a tunnel, bytes piped both ways until one side ends.
+        host, _, port = self.path.rpartition(":")
+        self.server.seen.append((f"CONNECT {self.path}", self.headers.get("proxy-authorization")))
+        upstream = socket.create_connection((host, int(port)), timeout=10)
+        self.send_response(200)
+        self.end_headers()
+        self.close_connection = True
+        ends = [self.connection, upstream]
+        try:
+            while True:
+                ready, _, _ = select.select(ends, [], [], 10)
+                if not ready:
+                    return
+                for end in ready:
+                    data = end.recv(65536)
+                    if not data:
+                        return
+                    (upstream if end is self.connection else self.connection).sendall(data)
+        except OSError:
+            return
+        finally:
+            upstream.close()
 
     def log_message(self, format: str, *args: object) -> None:
         return
@@ -152,3 +185,227 @@ def test_the_requests_ca_bundle_is_used_for_https(clean_env: pytest.MonkeyPatch,
     own.write_text("")
     clean_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", str(own))
     assert OTLPSender("https://127.0.0.1:9/v1/traces")._verify == str(own)
+
+
+# -- TLS ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a certificate (.ci/run installs it)")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_receiver(certificate: tuple[Path, Path]) -> Iterator[OTLPReceiver]:
+    """An https:// collector on loopback, serving the self-signed certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*certificate)
+    rx = OTLPReceiver(tls=ctx).start()
+    try:
+        yield rx
+    finally:
+        rx.stop()
+
+
+def test_an_https_collector_is_verified_against_the_otlp_certificate(
+    clean_env: pytest.MonkeyPatch, tls_receiver: OTLPReceiver, certificate: tuple[Path, Path]
+) -> None:
+    """OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE trusts the collector's certificate: the span arrives. Without
+    it the default bundle (certifi's, as requests uses) does not know the certificate: nothing is sent,
+    nothing is raised, and the outcome says to retry."""
+    assert tls_receiver.endpoint.startswith("https://")
+    untrusting = OTLPSender(tls_receiver.endpoint)
+    try:
+        out = untrusting(_payload("refused"), 5)
+    finally:
+        untrusting.close()
+    assert not out.ok
+    assert out.retryable
+    assert out.status is None
+    clean_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", str(certificate[0]))
+    sender = OTLPSender(tls_receiver.endpoint)
+    try:
+        assert sender(_payload("tls"), 5).ok
+    finally:
+        sender.close()
+    assert [s.name for s in tls_receiver.spans] == ["tls"]
+
+
+def test_the_requests_ca_bundle_verifies_an_https_collector(
+    clean_env: pytest.MonkeyPatch, tls_receiver: OTLPReceiver, certificate: tuple[Path, Path]
+) -> None:
+    """REQUESTS_CA_BUNDLE (read when the sender is made) is the CA bundle when no OTLP certificate is set."""
+    clean_env.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
+    sender = OTLPSender(tls_receiver.endpoint)
+    clean_env.delenv("REQUESTS_CA_BUNDLE")
+    try:
+        assert sender(_payload("bundle"), 5).ok
+    finally:
+        sender.close()
+    assert [s.name for s in tls_receiver.spans] == ["bundle"]
+
+
+def test_https_through_the_proxy_goes_by_a_connect_tunnel(
+    clean_env: pytest.MonkeyPatch,
+    tls_receiver: OTLPReceiver,
+    certificate: tuple[Path, Path],
+    proxy: _ForwardProxy,
+) -> None:
+    """HTTPS_PROXY with credentials: the proxy is asked to CONNECT to the collector (with the proxy's
+    Basic credentials on the CONNECT, never sent on inside the tunnel), and TLS runs end to end."""
+    clean_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", str(certificate[0]))
+    clean_env.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://pxuser:pxpass@"))
+    sender = OTLPSender(tls_receiver.endpoint)
+    try:
+        assert sender(_payload("tunnelled"), 5).ok
+    finally:
+        sender.close()
+    assert proxy.seen == [(f"CONNECT 127.0.0.1:{tls_receiver.port}", "Basic cHh1c2VyOnB4cGFzcw==")]
+    assert [s.name for s in tls_receiver.spans] == ["tunnelled"]
+    assert "proxy-authorization" not in {k.lower() for k in tls_receiver.last_headers}
+
+
+# -- proxies the transport cannot use ----------------------------------------------------------------------
+
+
+def test_a_proxy_scheme_it_cannot_use_fails_when_the_sender_is_made_without_its_secret(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """A SOCKS proxy for the collector's URL: a clear ValueError at once (init() raises it), naming the
+    proxy without its password, rather than every request failing later."""
+    clean_env.setenv("HTTPS_PROXY", "socks5://me:hunter2@127.0.0.1:1080")
+    with pytest.raises(ValueError, match="http:// proxies only") as err:
+        OTLPSender("https://collector.example:4318/v1/traces")
+    assert "hunter2" not in str(err.value)
+    assert "socks5://***@127.0.0.1:1080" in str(err.value)
+
+
+# -- connections, threads, deadlines ------------------------------------------------------------------------
+
+
+def test_posts_share_one_keep_alive_connection(clean_env: pytest.MonkeyPatch, receiver: OTLPReceiver) -> None:
+    """Twenty POSTs in a row go over one connection."""
+    sender = OTLPSender(receiver.endpoint)
+    try:
+        assert all(sender(_payload(f"s{i}"), 5).ok for i in range(20))
+    finally:
+        sender.close()
+    assert receiver.connections == 1
+    assert len(receiver.spans) == 20
+
+
+class _HangUpAfterEachAnswer:
+    """A collector that answers 200 (keep-alive, as far as the client can tell) and then closes the
+    connection: the client's pooled connection is stale at its next request."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.requests = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn, conn.makefile("rb") as reader:
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                reader.read(length)
+                self.requests += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(5)
+
+
+def test_a_stale_pooled_connection_is_retried_on_a_new_one(clean_env: pytest.MonkeyPatch) -> None:
+    """The collector hung up the kept-alive connection between two POSTs: the second POST fails on it
+    at once and is sent again on a new connection, within the same call."""
+    server = _HangUpAfterEachAnswer()
+    sender = OTLPSender(f"http://127.0.0.1:{server.port}/v1/traces")
+    try:
+        assert sender(_payload("one"), 5).ok
+        time.sleep(0.1)  # the server's close reaches the client's socket
+        assert sender(_payload("two"), 5).ok
+    finally:
+        sender.close()
+        server.close()
+    assert (server.connections, server.requests) == (2, 2)
+
+
+def test_no_request_starts_a_thread(clean_env: pytest.MonkeyPatch, receiver: OTLPReceiver) -> None:
+    """The deadline is kept by the sockets' timeouts, not a timer thread per request: thirty POSTs start
+    no thread from the sending thread (threads leave state behind for fork() and cost the GIL a switch
+    each way). Thread.start is watched, and still starts what it is asked to."""
+    sender = OTLPSender(receiver.endpoint)
+    assert sender(_payload("warm"), 5).ok
+    me = threading.get_ident()
+    started: list[threading.Thread] = []
+    original = threading.Thread.start
+
+    def watched_start(thread: threading.Thread) -> None:
+        if threading.get_ident() == me:
+            started.append(thread)
+        original(thread)
+
+    payloads = [_payload(f"s{i}") for i in range(30)]  # (the SDK's resource detection uses a pool)
+    clean_env.setattr(threading.Thread, "start", watched_start)
+    try:
+        assert all(sender(payload, 5).ok for payload in payloads)
+    finally:
+        clean_env.setattr(threading.Thread, "start", original)
+        sender.close()
+    assert started == []
+
+
+def test_the_whole_request_deadline_holds_through_a_proxy(clean_env: pytest.MonkeyPatch) -> None:
+    """A proxy that trickles its answer a byte at a time: the POST still ends by its deadline (+0.5 s),
+    retryable."""
+    with serving("trickle") as trickler:
+        clean_env.setenv("HTTP_PROXY", trickler.endpoint.removesuffix("/v1/traces"))
+        sender = OTLPSender("http://collector.invalid:4318/v1/traces")
+        t0 = time.monotonic()
+        out = sender(_payload("slow"), 0.8)
+        took = time.monotonic() - t0
+        sender.close()
+    assert not out.ok
+    assert out.retryable
+    assert took < 0.8 + 0.5

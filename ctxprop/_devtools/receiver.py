@@ -15,6 +15,7 @@ import contextlib
 import gzip
 import json
 import socket
+import ssl
 import sys
 import threading
 import zlib
@@ -260,8 +261,12 @@ class OTLPReceiver:
         delay: float = 0.0,
         on_spans: Callable[[list[ReceivedSpan]], None] | None = None,
         keep_spans: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._host = host
+        # A server-side TLS context makes this an https:// collector (the handshake is done per connection).
+        self._tls = tls
+        self._connections = 0
         # keep_spans=False only counts spans (a C-level protobuf parse): for benchmarks, where building
         # ReceivedSpan objects would make the collector the bottleneck.
         self._keep = keep_spans
@@ -291,6 +296,8 @@ class OTLPReceiver:
             return self
         self._stopping.clear()
         server = _Server((self._host, self._requested_port), _Handler)
+        if self._tls is not None:
+            server.socket = self._tls.wrap_socket(server.socket, server_side=True)
         server.receiver = self
         self._server = server
         self._port = server.server_address[1]
@@ -340,8 +347,14 @@ class OTLPReceiver:
 
     @property
     def base_url(self) -> str:
-        """``http://HOST:PORT``."""
-        return f"http://{self._host}:{self._port}"
+        """``http://HOST:PORT`` (``https://`` when serving TLS)."""
+        return f"{'https' if self._tls is not None else 'http'}://{self._host}:{self._port}"
+
+    @property
+    def connections(self) -> int:
+        """How many connections clients have opened so far (keep-alive reuses one)."""
+        with self._cond:
+            return self._connections
 
     @property
     def endpoint(self) -> str:
@@ -417,6 +430,7 @@ class OTLPReceiver:
         with self._cond:
             if add:
                 self._conns.add(conn)
+                self._connections += 1
             else:
                 self._conns.discard(conn)
 
