@@ -12,12 +12,16 @@ into its group; ``"official"`` is ``encode_spans(...).SerializeToString()`` for 
 the same bytes; the records in the spool are the same either way.
 
 On ctxprop's own OTLP path the queue does not hold the ended spans themselves but :func:`record` of each:
-the span already encoded (by the thread that ended it) with its resource and scope, so the span is freed
-when the application lets go of it. A queued ``ReadableSpan`` keeps about ten objects alive that the
-garbage collector traverses over and over while it waits (its attributes, events and links, context,
-status...); held for a batch's worth of time, nearly every one is promoted to the oldest generation, and
-those promotions trigger the full collections that cost the stock ``BatchSpanProcessor`` more per span than
-encoding does. A record is one tuple of bytes and two shared objects. A span the fast path cannot write is
+a snapshot (``_otlp_wire.snapshot``) taken by the thread that ended the span, so the span is freed when the
+application lets go of it. A queued ``ReadableSpan`` keeps about ten objects alive that the garbage
+collector traverses over and over while it waits (its attributes, events and links, context, status...);
+held for a batch's worth of time, nearly every one is promoted to the oldest generation, and those
+promotions trigger the full collections that cost the stock ``BatchSpanProcessor`` more per span than
+encoding does. A snapshot is one tuple of plain values (its ids and times packed, its name encoded) with
+the shared resource and scope; the collector stops tracking what is inside it. Taking it costs the ending
+thread about two thirds of what encoding the span there did, and the export thread writes a whole batch of
+snapshots at once, where the encoder's code and caches stay warm. A span that is more than ordinary
+(events, links, a ``trace_state``, a sequence or bytes value...) or that the fast path cannot write is
 queued as itself, and the export thread encodes it as before.
 
 >>> encode([]).spans
@@ -49,11 +53,8 @@ __all__ = [
     "use_encoder",
 ]
 
-# A span's ``ScopeSpans.spans`` field, its resource and its scope: what the queue holds for a span the fast
-# path has written already (see record()).
-SpanRecord: TypeAlias = "tuple[bytes, Resource, InstrumentationScope | None]"
-# What a batch holds: records, and spans still to encode.
-Queued: TypeAlias = Union["ReadableSpan", SpanRecord]  # a string alias: its members are names only mypy sees
+# What a batch holds: snapshots (see record()) and spans.
+Queued: TypeAlias = Union["ReadableSpan", "_otlp_wire.Snapshot"]  # a string alias: names only mypy sees
 
 ENCODERS = ("ctxprop", "official")
 _official = False
@@ -84,12 +85,12 @@ def prepare() -> None:
 
 
 def record(span: ReadableSpan) -> Queued:
-    """What the queue holds for ``span``: its encoded field with its resource and scope, or, when the
-    official encoder is chosen or the fast path cannot write this span, the span itself. Never raises."""
+    """What the queue holds for ``span``: its snapshot, or, when the official encoder is chosen or the
+    span is more than a snapshot holds, the span itself. Never raises."""
     if _official or not _otlp_wire.ready():
         return span
     try:
-        return (_otlp_wire.span_field(span), span.resource, span.instrumentation_scope or None)
+        return _otlp_wire.snapshot(span) or span
     except Exception:  # noqa: BLE001 - exotic or unencodable: the export thread's encode() decides
         return span
 
@@ -117,12 +118,12 @@ def encode_official(spans: Sequence[Queued]) -> Encoded:
 
     The whole batch is tried first. Only if that fails is each span tried on its own, so the ones that
     fail are found; the others are encoded together again, grouped exactly as they would have been.
-    Records queued before the official encoder was chosen keep their bytes (the same bytes), and the
-    spans beside them are each written by the official encoder.
+    Snapshots queued before the official encoder was chosen are written as snapshots (the same bytes),
+    and the spans beside them are each written by the official encoder.
     """
     if any(s.__class__ is tuple for s in spans):
         return _assemble(spans, _otlp_wire.official_span_field)
-    plain: Sequence[ReadableSpan] = spans  # type: ignore[assignment]  # no record among them
+    plain: Sequence[ReadableSpan] = spans  # type: ignore[assignment]  # no snapshot among them
     try:
         return Encoded(_official_bytes(plain), len(plain), 0)
     except Exception:  # noqa: BLE001, S110 - find the span(s) at fault below
@@ -155,8 +156,8 @@ def encode_fast(spans: Sequence[Queued]) -> Encoded:
 
 
 def _assemble(spans: Sequence[Queued], write: Callable[[ReadableSpan], bytes]) -> Encoded:
-    """Group the spans' fields (records' as they are, the others' written by ``write``, falling back on
-    the official encoder) into one request."""
+    """Group the spans' fields (snapshots written by ``_otlp_wire.snapshot_field``, the others by ``write``,
+    falling back on the official encoder) into one request."""
     groups: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
     last_resource: object = _NOTHING
     last_scope: object = _NOTHING
@@ -164,7 +165,13 @@ def _assemble(spans: Sequence[Queued], write: Callable[[ReadableSpan], bytes]) -
     dropped = 0
     for span in spans:
         if span.__class__ is tuple:
-            field, resource, scope = span
+            snap: _otlp_wire.Snapshot = span
+            try:
+                field = _otlp_wire.snapshot_field(snap)
+            except Exception:  # noqa: BLE001 - snapshot() checked all that can fail; never lose the batch
+                dropped += 1
+                continue
+            resource, scope = snap[-2], snap[-1]
         else:
             readable: ReadableSpan = span  # type: ignore[assignment]
             try:

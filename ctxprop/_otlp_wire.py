@@ -43,6 +43,8 @@ __all__ = [
     "ready",
     "resource_parts",
     "scope_parts",
+    "snapshot",
+    "snapshot_field",
     "span_field",
 ]
 
@@ -208,6 +210,10 @@ def _attributes(attributes: Mapping[str, Any] | None, tag: bytes, out: list[byte
         items = attributes.copy().items()  # type: ignore[attr-defined]
     except AttributeError:
         items = attributes.items()
+    _attribute_items(items, tag, out)
+
+
+def _attribute_items(items: Iterable[tuple[str, Any]], tag: bytes, out: list[bytes]) -> None:
     for key, value in items:
         t = value.__class__
         if t is str:
@@ -297,6 +303,133 @@ def _has_items(span: ReadableSpan, private: str) -> bool:
         return len(held) > 0  # type: ignore[arg-type]
     except TypeError:
         return True
+
+
+# -- snapshots: what the queue holds for an ordinary span ---------------------------------------------------
+# The span's data as immutable plain values (ints, bytes, strs, floats, bools, tuples of those) plus its
+# resource and scope: built by the thread that ends the span, encoded by the export thread a batch at once.
+Snapshot = tuple[Any, ...]
+_PLAIN = (str, bool, int, float)
+
+
+def snapshot(span: ReadableSpan) -> Snapshot | None:  # noqa: PLR0911, PLR0912 - one pass, no calls
+    """The span as a :data:`Snapshot` that :func:`snapshot_field` writes exactly (the same bytes as
+    :func:`span_field`), or None when the span holds anything more than an ordinary span does: events,
+    links, a ``trace_state``, an attribute that is not a str, bool, int64 or float, text that is not valid
+    UTF-8, an unusual kind, status or count. Raises (``struct.error``, ``UnicodeEncodeError``...) for ids
+    or times out of range and for a lone surrogate in the name or status. Whatever could make the encoding
+    fail is checked here (the ids and times are packed here already, the name encoded), so writing a
+    snapshot cannot fail.
+
+    Cheaper than encoding on the thread that ends the span, and nothing in it the garbage collector has to
+    follow but the tuple itself (its inner tuples hold only atoms, so CPython stops tracking them).
+    """
+    # Only the emptiness of ReadableSpan's private lists is read (as in _has_items); a span without them
+    # takes the span path.
+    events = getattr(span, "_events", None)
+    links = getattr(span, "_links", None)
+    if events is None or links is None or len(events) or len(links):
+        return None
+    ctx = span.context
+    name = span.name
+    kind = _KIND.get(id(span.kind))
+    if ctx.trace_state or kind is None or name.__class__ is not str:
+        return None
+    trace_id = ctx.trace_id
+    head = _ids(0x0A, 0x10, trace_id >> 64, trace_id & _U64, 0x12, 0x08, ctx.span_id)
+    parent = span.parent
+    if parent:
+        head += _parent_id(0x22, 0x08, parent.span_id)
+    start, end = span.start_time, span.end_time
+    if start.__class__ is not int or end.__class__ is not int:
+        return None
+    if start and end:
+        times = _times(0x39, start, 0x41, end)
+    else:
+        times = (b"\x39" + _fixed64(start) if start else b"") + (b"\x41" + _fixed64(end) if end else b"")
+    attributes = span.attributes
+    items: tuple[tuple[str, Any], ...] = ()
+    if attributes:
+        items = tuple(attributes.copy().items())  # type: ignore[attr-defined]
+        for key, value in items:
+            t = value.__class__
+            if key.__class__ is not str or not (key.isascii() or _utf8(key)):
+                return None
+            if t is str:
+                if not (value.isascii() or _utf8(value)):
+                    return None
+            elif t is int:
+                if not _I64_MIN <= value <= _I64_MAX:
+                    return None
+            elif t is not bool and t is not float:
+                return None
+    d_attrs, d_events, d_links = span.dropped_attributes, span.dropped_events, span.dropped_links
+    if not (
+        d_attrs.__class__ is int
+        and d_events.__class__ is int
+        and d_links.__class__ is int
+        and 0 <= d_attrs <= _U32
+        and 0 <= d_events <= _U32
+        and 0 <= d_links <= _U32
+    ):
+        return None
+    status = span.status
+    status_field: bytes | None = b""
+    if status is not None:
+        description = status.description
+        if description:
+            code = _CODE.get(id(status.status_code))
+            if code is None or description.__class__ is not str:
+                return None
+            status_field = _status(code, description)  # raises for a lone surrogate
+        else:
+            status_field = _STATUS.get(id(status.status_code))
+            if status_field is None:
+                return None
+    return (
+        head,
+        name.encode(),  # raises for a lone surrogate
+        kind,
+        times,
+        items,
+        d_attrs,
+        d_events,
+        d_links,
+        status_field,
+        _features.flags_remote if parent and parent.is_remote else _features.flags_local,
+        span.resource,
+        span.instrumentation_scope or None,
+    )
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def snapshot_field(snap: Snapshot) -> bytes:
+    """One snapshot as a ``ScopeSpans.spans`` field: the bytes :func:`span_field` writes for its span."""
+    head, name, kind, times, items, d_attrs, d_events, d_links, status_field, flags, _, _ = snap
+    out = [head]
+    if name:
+        out.append(b"\x2a" + _varint(len(name)) + name)
+    out.append(kind)
+    out.append(times)
+    if items:
+        _attribute_items(items, b"\x4a", out)
+    if d_attrs:
+        out.append(b"\x50" + _varint(d_attrs))
+    if d_events:
+        out.append(b"\x60" + _varint(d_events))
+    if d_links:
+        out.append(b"\x70" + _varint(d_links))
+    out.append(status_field)
+    out.append(flags)
+    body = b"".join(out)
+    return b"\x12" + _varint(len(body)) + body
 
 
 def _string(tag: bytes, text: str) -> bytes:

@@ -118,8 +118,8 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         )
         self._exporter = exporter
         self._sender = sender
-        # ctxprop's OTLP path queues records (the span encoded by the thread that ended it, see
-        # _encoding.record); a custom exporter is given the spans themselves.
+        # ctxprop's OTLP path queues snapshots (taken by the thread that ended the span, written a batch
+        # at once by the export thread: see _encoding.record); a custom exporter is given the spans.
         self._record: Callable[[ReadableSpan], Queued] | None = None
         if sender is not None:
             _encoding.prepare()

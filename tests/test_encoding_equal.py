@@ -4,6 +4,10 @@ Equal bytes imply equal decoded messages (and are stricter: field order, presenc
 Hand-picked cases cover each item of the OTLP span model; hypothesis generates the rest. Shapes the
 hand-written path writes itself are also checked to stay on it (not just to be equal through the
 fallback), and shapes it leaves to the official encoder are checked to take the fallback.
+
+Every comparison is made twice: the spans encoded as they are, and what the processor's queue holds for
+them (``_encoding.record``: a snapshot of an ordinary span, written by ``snapshot_field``, or the span
+itself), so both ways to the wire are held to the official bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
 
-from ctxprop import _otlp_wire
+from ctxprop import _encoding, _otlp_wire
 from ctxprop._encoding import encode_fast, encode_official
 
 I64_MAX = (1 << 63) - 1
@@ -45,12 +49,22 @@ def span(**kw: Any) -> ReadableSpan:
     return ReadableSpan(**kw)
 
 
+def queued(spans: Sequence[ReadableSpan]) -> list[_encoding.Queued]:
+    """What the processor's queue holds for these spans."""
+    _encoding.prepare()
+    return [_encoding.record(s) for s in spans]
+
+
 def assert_same(spans: Sequence[ReadableSpan]) -> None:
-    """Our bytes equal the official encoder's (so do the decoded messages), every span counted."""
+    """Our bytes equal the official encoder's (so do the decoded messages), every span counted: from the
+    spans, and from what the queue holds for them."""
     ours = encode_fast(spans)
     official = encode_spans(spans).SerializeToString()
     assert ours.payload == official
     assert (ours.spans, ours.dropped) == (len(spans), 0)
+    from_queue = encode_fast(queued(spans))
+    assert from_queue.payload == official
+    assert (from_queue.spans, from_queue.dropped) == (len(spans), 0)
     ours_msg, official_msg = ExportTraceServiceRequest(), ExportTraceServiceRequest()
     ours_msg.ParseFromString(ours.payload)
     official_msg.ParseFromString(official)
@@ -68,9 +82,14 @@ def _has_nan(spans: Sequence[ReadableSpan]) -> bool:
 
 
 def assert_fast_path(s: ReadableSpan) -> None:
-    """The hand-written path writes this span itself, byte for byte as the official encoder."""
+    """The hand-written path writes this span itself, byte for byte as the official encoder (and so does
+    its snapshot, if it is ordinary enough to have one)."""
     assert _otlp_wire.calibrate()
-    assert _otlp_wire.span_field(s) == _otlp_wire.official_span_field(s)
+    official = _otlp_wire.official_span_field(s)
+    assert _otlp_wire.span_field(s) == official
+    snap = _otlp_wire.snapshot(s)
+    if snap is not None:
+        assert _otlp_wire.snapshot_field(snap) == official
 
 
 def assert_fallback(s: ReadableSpan) -> None:
@@ -454,7 +473,9 @@ def test_property_fast_path_writes_official_bytes(batch: list[ReadableSpan]) -> 
     """Any batch of ordinary spans: written by the fast path itself, bytes equal to the official encoder's."""
     for s in batch:
         assert_fast_path(s)
-    assert encode_fast(batch).payload == encode_spans(batch).SerializeToString()
+    official = encode_spans(batch).SerializeToString()
+    assert encode_fast(batch).payload == official
+    assert encode_fast(queued(batch)).payload == official
 
 
 @settings(max_examples=120, deadline=None)
@@ -464,6 +485,9 @@ def test_property_batches_equal_official_per_span_fallback(batch: list[ReadableS
     ours, official = encode_fast(batch), encode_official(batch)
     assert ours.payload == official.payload
     assert (ours.spans, ours.dropped) == (official.spans, official.dropped)
+    from_queue = encode_fast(queued(batch))
+    assert from_queue.payload == official.payload
+    assert (from_queue.spans, from_queue.dropped) == (official.spans, official.dropped)
     if not official.dropped:
         assert ours.payload == encode_spans(batch).SerializeToString()
 
@@ -515,3 +539,58 @@ def test_events_and_links_without_the_private_lists() -> None:
     (got,) = request.resource_spans[0].scope_spans[0].spans
     assert [e.name for e in got.events] == ["e"]
     assert len(got.links) == 1
+
+
+ORDINARY = {"route": "/items/{id}", "n": 7, "big": I64_MIN, "ratio": 0.25, "ok": True, "\u00e9": "\u4e2d"}
+
+
+@pytest.mark.parametrize(
+    ("why", "kw"),
+    [
+        ("an event", {"events": [Event("e", {"k": 1}, timestamp=5)]}),
+        ("a link", {"links": [Link(SpanContext(1, 2, True), {"k": "v"})]}),
+        ("a trace_state", {"context": SpanContext(1, 2, False, trace_state=TraceState([("v", "1")]))}),
+        ("a sequence value", {"attributes": {"tags": ("a", "b")}}),
+        ("a bytes value", {"attributes": {"blob": b"\x00"}}),
+        ("an int subclass", {"attributes": {"code": Color.RED}}),
+        ("an int past int64", {"attributes": {"huge": I64_MAX + 1}}),
+        ("a lone surrogate in a value", {"attributes": {"k": "x\ud800"}}),
+        ("a lone surrogate in a key", {"attributes": {"x\ud800": "v"}}),
+        ("a lone surrogate in the name", {"name": "x\ud800"}),
+        ("a lone surrogate in the status", {"status": Status(StatusCode.ERROR, "x\ud800")}),
+        ("a float start time", {"start_time": 1.5}),
+    ],
+)
+def test_what_is_more_than_ordinary_is_queued_as_the_span_itself(why: str, kw: dict[str, Any]) -> None:
+    """record() snapshots an ordinary span; a span holding anything a snapshot does not check for (here:
+    {why}) is queued as itself, and the batch still encodes as the official path does."""
+    plain, odd = span(attributes=ORDINARY), span(**kw)
+    _encoding.prepare()
+    assert _encoding.record(plain).__class__ is tuple, "an ordinary span is snapshotted"
+    assert _encoding.record(odd) is odd, why
+    batch = [plain, odd, span(name="after", attributes=ORDINARY)]
+    ours, official = encode_fast(queued(batch)), encode_official(batch)
+    assert ours.payload == official.payload
+    assert (ours.spans, ours.dropped) == (official.spans, official.dropped)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"attributes": ORDINARY},
+        {"kind": SpanKind.CONSUMER, "status": Status(StatusCode.ERROR, "d\u00e9")},
+        {"status": Status(StatusCode.OK)},
+        {"parent": SpanContext(1, 3, True)},
+        {"parent": SpanContext(1, 3, False), "name": ""},
+        {"start_time": 0, "end_time": 7},
+        {"start_time": 7, "end_time": 0},
+    ],
+)
+def test_ordinary_spans_are_snapshots_written_as_the_official_encoder_writes_them(kw: dict[str, Any]) -> None:
+    """Roots and children, remote and local parents, statuses with and without a description, empty
+    names and missing times: snapshotted, and written byte for byte as the official encoder."""
+    s = span(**kw)
+    snap = _otlp_wire.snapshot(s)
+    assert snap is not None
+    assert _otlp_wire.snapshot_field(snap) == _otlp_wire.official_span_field(s)

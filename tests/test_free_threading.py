@@ -168,8 +168,8 @@ def test_free_threaded_build_keeps_the_gil_off_with_ctxprop_and_the_sdk() -> Non
 
 
 def test_parallel_threads_encode_their_spans_exactly() -> None:
-    """8 threads each encode 600 spans as the queue's records (the encoder's caches shared between
-    them, cleared when full): every record is byte-equal to the official encoder's span."""
+    """8 threads each snapshot 600 spans as the queue holds them and write each snapshot (the encoder's
+    caches shared between them, cleared when full): every one is byte-equal to the official encoder's span."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
@@ -179,7 +179,7 @@ def test_parallel_threads_encode_their_spans_exactly() -> None:
 
     _encoding.prepare()
     resource = Resource({"service.name": "parallel"})
-    made: dict[int, list[tuple[ReadableSpan, Any]]] = {}
+    made: dict[int, list[tuple[ReadableSpan, Any, bytes]]] = {}
 
     def body(i: int) -> None:
         out = made.setdefault(i, [])
@@ -187,15 +187,23 @@ def test_parallel_threads_encode_their_spans_exactly() -> None:
             # Distinct keys and values on each thread, enough of them to fill and clear the caches.
             attributes: dict[str, Any] = {f"k{i}-{n % 97}": f"v{n % 211}", f"n{i}": n * 7}
             attributes.update({"x": n % 5, "f": n / 3})
-            span = ReadableSpan(f"t{i}-{n}", SpanContext(i + 1, n + 1, False), resource=resource,
-                                attributes=attributes, start_time=1, end_time=2)
-            out.append((span, _encoding.record(span)))
+            span = ReadableSpan(
+                f"t{i}-{n}",
+                SpanContext(i + 1, n + 1, False),
+                resource=resource,
+                attributes=attributes,
+                start_time=1,
+                end_time=2,
+            )
+            queued = _encoding.record(span)
+            # Snapshotted and written on this thread, beside the others doing the same with the caches.
+            out.append((span, queued, _otlp_wire.snapshot_field(queued)))  # type: ignore[arg-type]
 
     _in_parallel(body)
-    for pairs in made.values():
-        for span, queued in pairs:
+    for triples in made.values():
+        for span, queued, field in triples:
             assert queued.__class__ is tuple
-            assert queued[0] == _otlp_wire.official_span_field(span)
-    everything = [queued for pairs in made.values() for _, queued in pairs]
-    spans = [span for pairs in made.values() for span, _ in pairs]
+            assert field == _otlp_wire.official_span_field(span)
+    everything = [queued for triples in made.values() for _, queued, _ in triples]
+    spans = [span for triples in made.values() for span, _, _ in triples]
     assert _encoding.encode(everything).payload == encode_spans(spans).SerializeToString()
