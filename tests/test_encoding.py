@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import socket
-import sysconfig
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -182,10 +181,6 @@ def test_queued_spans_are_records_and_the_spans_are_freed(receiver: OTLPReceiver
     control.shutdown()
 
 
-@pytest.mark.skipif(
-    bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
-    reason="the free-threaded collector does not untrack tuples of atoms",
-)
 def test_a_queued_snapshot_gives_the_collector_one_object_to_follow() -> None:
     """What the queue holds for an ordinary span is one tuple: after a collection, the collector tracks
     none of what is inside it (packed ids and times, the name's bytes, the attributes' pairs of atoms)
