@@ -439,7 +439,10 @@ class OTLPSender:
         return sock
 
     def _tls_context(self) -> ssl.SSLContext:
+        # As requests verifies for the official exporter: against one CA bundle (the OTLP certificate,
+        # REQUESTS_CA_BUNDLE, else certifi's), not the system's store besides it.
         if self._tls is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname checked, certificate required
             verify = self._verify
             if verify is True:
                 try:
@@ -447,8 +450,7 @@ class OTLPSender:
 
                     verify = certifi.where()
                 except ImportError:  # pragma: no cover - certifi comes with requests
-                    verify = None
-            ctx = ssl.create_default_context()
+                    ctx.load_default_certs()
             if isinstance(verify, str):
                 if os.path.isdir(verify):
                     ctx.load_verify_locations(capath=verify)

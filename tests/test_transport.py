@@ -409,3 +409,31 @@ def test_the_whole_request_deadline_holds_through_a_proxy(clean_env: pytest.Monk
     assert not out.ok
     assert out.retryable
     assert took < 0.8 + 0.5
+
+
+def test_the_client_certificate_is_presented_to_a_collector_that_asks_for_one(
+    clean_env: pytest.MonkeyPatch, certificate: tuple[Path, Path]
+) -> None:
+    """A collector that requires a client certificate: refused without one (no raise, retryable), and
+    delivered with OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE / _CLIENT_KEY."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*certificate)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(certificate[0]))
+    clean_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", str(certificate[0]))
+    with OTLPReceiver(tls=ctx) as rx:
+        anonymous = OTLPSender(rx.endpoint)
+        try:
+            out = anonymous(_payload("anonymous"), 5)
+        finally:
+            anonymous.close()
+        assert not out.ok
+        assert out.retryable
+        clean_env.setenv("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", str(certificate[0]))
+        clean_env.setenv("OTEL_EXPORTER_OTLP_CLIENT_KEY", str(certificate[1]))
+        sender = OTLPSender(rx.endpoint)
+        try:
+            assert sender(_payload("mutual"), 5).ok
+        finally:
+            sender.close()
+        assert [s.name for s in rx.spans] == ["mutual"]
