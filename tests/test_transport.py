@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 from support import OTLPReceiver
 
-from ctxprop._transport import OTLPSender
+from ctxprop._transport import OTLPSender, SendOutcome
 
 receiver = support.receiver
 
@@ -123,6 +123,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyP
 def _payload(name: str) -> bytes:
     span = ReadableSpan(name, SpanContext(0xAB, 0xCD, False), start_time=1, end_time=2)
     return encode_spans([span]).SerializeToString()
+
+
+def _send_once(endpoint: str, name: str) -> SendOutcome:
+    """One span named ``name`` sent by a sender made now (reading the environment as it is), then closed."""
+    sender = OTLPSender(endpoint)
+    try:
+        return sender(_payload(name), 5)
+    finally:
+        sender.close()
 
 
 def test_requests_go_through_the_environments_proxy_read_once(
@@ -243,20 +252,12 @@ def test_an_https_collector_is_verified_against_the_otlp_certificate(
     it the default bundle (certifi's, as requests uses) does not know the certificate: nothing is sent,
     nothing is raised, and the outcome says to retry."""
     assert tls_receiver.endpoint.startswith("https://")
-    untrusting = OTLPSender(tls_receiver.endpoint)
-    try:
-        out = untrusting(_payload("refused"), 5)
-    finally:
-        untrusting.close()
+    out = _send_once(tls_receiver.endpoint, "refused")
     assert not out.ok
     assert out.retryable
     assert out.status is None
     clean_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", str(certificate[0]))
-    sender = OTLPSender(tls_receiver.endpoint)
-    try:
-        assert sender(_payload("tls"), 5).ok
-    finally:
-        sender.close()
+    assert _send_once(tls_receiver.endpoint, "tls").ok
     assert [s.name for s in tls_receiver.spans] == ["tls"]
 
 
@@ -284,11 +285,7 @@ def test_https_through_the_proxy_goes_by_a_connect_tunnel(
     Basic credentials on the CONNECT, never sent on inside the tunnel), and TLS runs end to end."""
     clean_env.setenv("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", str(certificate[0]))
     clean_env.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://pxuser:pxpass@"))
-    sender = OTLPSender(tls_receiver.endpoint)
-    try:
-        assert sender(_payload("tunnelled"), 5).ok
-    finally:
-        sender.close()
+    assert _send_once(tls_receiver.endpoint, "tunnelled").ok
     assert proxy.seen == [(f"CONNECT 127.0.0.1:{tls_receiver.port}", "Basic cHh1c2VyOnB4cGFzcw==")]
     assert [s.name for s in tls_receiver.spans] == ["tunnelled"]
     assert "proxy-authorization" not in {k.lower() for k in tls_receiver.last_headers}
