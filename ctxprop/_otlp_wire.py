@@ -267,14 +267,7 @@ def span_field(span: ReadableSpan) -> bytes:
         nb = name.encode()
         out.append(b"\x2a" + _varint(len(nb)) + nb)
     out.append(_KIND[id(span.kind)])
-    start, end = span.start_time, span.end_time
-    if start and end and start.__class__ is int and end.__class__ is int:
-        out.append(_times(0x39, start, 0x41, end))
-    else:
-        if start:
-            out.append(b"\x39" + _fixed64(start))
-        if end:
-            out.append(b"\x41" + _fixed64(end))
+    out.append(_time_fields(span.start_time, span.end_time))
     _attributes(span.attributes, b"\x4a", out)
     _count_field(b"\x50", span.dropped_attributes, out)
     # The events and links properties copy the span's bounded lists under their locks (about a
@@ -285,13 +278,27 @@ def span_field(span: ReadableSpan) -> bytes:
     if _has_items(span, "_links"):
         _links(span.links, out)
     _count_field(b"\x70", span.dropped_links, out)
-    status = span.status
-    if status is not None:
-        code, description = status.status_code, status.description
-        out.append(_status(_CODE[id(code)], description) if description else _STATUS[id(code)])
+    out.append(_status_field(span.status))
     out.append(_features.flags_remote if parent and parent.is_remote else _features.flags_local)
     body = b"".join(out)
     return b"\x12" + _varint(len(body)) + body
+
+
+def _time_fields(start: Any, end: Any) -> bytes:
+    """Start and end time (fields 7 and 8, fixed64), each left out when 0; ``struct.error`` for a time
+    that is not an int in range."""
+    if start and end:
+        return _times(0x39, start, 0x41, end)
+    return (b"\x39" + _fixed64(start) if start else b"") + (b"\x41" + _fixed64(end) if end else b"")
+
+
+def _status_field(status: Any) -> bytes:
+    """The status field (nothing without a status); ``KeyError`` for an unknown code, :class:`Unsupported`
+    for a description that is not text, ``UnicodeEncodeError`` for a lone surrogate in it."""
+    if status is None:
+        return b""
+    code, description = status.status_code, status.description
+    return _status(_CODE[id(code)], description) if description else _STATUS[id(code)]
 
 
 def _has_items(span: ReadableSpan, private: str) -> bool:
@@ -312,14 +319,14 @@ Snapshot = tuple[Any, ...]
 _PLAIN = (str, bool, int, float)
 
 
-def snapshot(span: ReadableSpan) -> Snapshot | None:  # noqa: PLR0911, PLR0912 - one pass, no calls
+def snapshot(span: ReadableSpan) -> Snapshot | None:  # noqa: PLR0911 - one pass over the span
     """The span as a :data:`Snapshot` that :func:`snapshot_field` writes exactly (the same bytes as
     :func:`span_field`), or None when the span holds anything more than an ordinary span does: events,
     links, a ``trace_state``, an attribute that is not a str, bool, int64 or float, text that is not valid
-    UTF-8, an unusual kind, status or count. Raises (``struct.error``, ``UnicodeEncodeError``...) for ids
-    or times out of range and for a lone surrogate in the name or status. Whatever could make the encoding
-    fail is checked here (the ids and times are packed here already, the name encoded), so writing a
-    snapshot cannot fail.
+    UTF-8, an unusual count. Raises what :func:`span_field` raises for an unknown kind or status code, ids
+    or times out of range, a lone surrogate in the name or status (``record()`` then queues the span
+    itself). Whatever could make the encoding fail is checked or done here (the ids, times and status are
+    written here already, the name encoded), so writing a snapshot cannot fail.
 
     Cheaper than encoding on the thread that ends the span, and nothing in it the garbage collector has to
     follow but the tuple itself (its inner tuples hold only atoms, so CPython stops tracking them).
@@ -332,21 +339,13 @@ def snapshot(span: ReadableSpan) -> Snapshot | None:  # noqa: PLR0911, PLR0912 -
         return None
     ctx = span.context
     name = span.name
-    kind = _KIND.get(id(span.kind))
-    if ctx.trace_state or kind is None or name.__class__ is not str:
+    if ctx.trace_state or name.__class__ is not str:
         return None
     trace_id = ctx.trace_id
     head = _ids(0x0A, 0x10, trace_id >> 64, trace_id & _U64, 0x12, 0x08, ctx.span_id)
     parent = span.parent
     if parent:
         head += _parent_id(0x22, 0x08, parent.span_id)
-    start, end = span.start_time, span.end_time
-    if start.__class__ is not int or end.__class__ is not int:
-        return None
-    if start and end:
-        times = _times(0x39, start, 0x41, end)
-    else:
-        times = (b"\x39" + _fixed64(start) if start else b"") + (b"\x41" + _fixed64(end) if end else b"")
     attributes = span.attributes
     items: tuple[tuple[str, Any], ...] = ()
     if attributes:
@@ -373,29 +372,16 @@ def snapshot(span: ReadableSpan) -> Snapshot | None:  # noqa: PLR0911, PLR0912 -
         and 0 <= d_links <= _U32
     ):
         return None
-    status = span.status
-    status_field: bytes | None = b""
-    if status is not None:
-        description = status.description
-        if description:
-            code = _CODE.get(id(status.status_code))
-            if code is None or description.__class__ is not str:
-                return None
-            status_field = _status(code, description)  # raises for a lone surrogate
-        else:
-            status_field = _STATUS.get(id(status.status_code))
-            if status_field is None:
-                return None
     return (
         head,
         name.encode(),  # raises for a lone surrogate
-        kind,
-        times,
+        _KIND[id(span.kind)],
+        _time_fields(span.start_time, span.end_time),
         items,
         d_attrs,
         d_events,
         d_links,
-        status_field,
+        _status_field(span.status),
         _features.flags_remote if parent and parent.is_remote else _features.flags_local,
         span.resource,
         span.instrumentation_scope or None,
