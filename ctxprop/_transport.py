@@ -42,6 +42,8 @@ from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
+from ctxprop._config import _check_header_value, redact_url
+
 __all__ = [
     "OK",
     "PERMANENT",
@@ -157,8 +159,8 @@ class _Deadline:
 
     __slots__ = ("at",)
 
-    def __init__(self) -> None:
-        self.at = 0.0
+    def __init__(self, at: float) -> None:
+        self.at = at  # a time.monotonic() value
 
     def remaining(self) -> float:
         left = self.at - time.monotonic()
@@ -229,7 +231,7 @@ def _route(endpoint: str, proxies: Mapping[str, str]) -> _Route:
 
     url = urllib.parse.urlsplit(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ValueError(f"the OTLP endpoint must be an http(s):// URL with a host: {_redact(endpoint)!r}")
+        raise ValueError(f"the OTLP endpoint must be an http(s):// URL with a host: {redact_url(endpoint)!r}")
     tls = url.scheme == "https"
     port = url.port or (443 if tls else 80)
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
@@ -239,8 +241,8 @@ def _route(endpoint: str, proxies: Mapping[str, str]) -> _Route:
     purl = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
     if purl.scheme != "http" or not purl.hostname:
         raise ValueError(
-            f"ctxprop sends through http:// proxies only; the environment names {_redact(proxy)!r} for"
-            f" {_redact(endpoint)!r} (set NO_PROXY for the collector's host, or an http:// proxy)"
+            f"ctxprop sends through http:// proxies only; the environment names {redact_url(proxy)!r} for"
+            f" {redact_url(endpoint)!r} (set NO_PROXY for the collector's host, or an http:// proxy)"
         )
     user, password = get_auth_from_url(purl.geturl())
     auth = _basic(user, password) if user or password else None
@@ -250,17 +252,6 @@ def _route(endpoint: str, proxies: Mapping[str, str]) -> _Route:
     netloc = _host_port(url.hostname, port, 80)
     absolute = urllib.parse.urlunsplit(("http", netloc, url.path or "/", url.query, ""))
     return _Route(False, url.hostname, port, via, absolute, False, auth)
-
-
-def _redact(url: str) -> str:
-    """A URL without its credentials, fit for an error message."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
 
 
 def _basic(user: str, password: str) -> str:
@@ -326,10 +317,9 @@ class OTLPSender:
             "user-agent": _user_agent(),
             "content-type": "application/x-protobuf",
         }
-        url_user, url_password = (
-            urllib.parse.unquote(urllib.parse.urlsplit(endpoint).username or ""),
-            (urllib.parse.unquote(urllib.parse.urlsplit(endpoint).password or "")),
-        )
+        from requests.utils import get_auth_from_url
+
+        url_user, url_password = get_auth_from_url(endpoint)
         if url_user or url_password:
             hdrs["authorization"] = _basic(url_user, url_password)
         elif self._auth:
@@ -341,10 +331,10 @@ class OTLPSender:
         if compression != "none" and "content-encoding" not in hdrs:
             hdrs["content-encoding"] = compression
         hdrs.pop("content-length", None)
-        self._headers = hdrs
         self._head = (
             f"POST {self._route.target} HTTP/1.1\r\n"
-            + "".join(f"{_header_name(k)}: {_header_value(v)}\r\n" for k, v in hdrs.items())
+            # (headers from init() and the environment were checked there; this checks the rest too)
+            + "".join(f"{_header_name(k)}: {_check_header_value(v, k)}\r\n" for k, v in hdrs.items())
         ).encode("latin-1")
         self._lock = threading.Lock()
         # Pooled keep-alive connections. The list object stays the same for the sender's life, so the
@@ -391,10 +381,10 @@ class OTLPSender:
         reused = conn is not None
         try:
             if conn is None:
-                box = _Deadline()
-                box.at = deadline
+                box = _Deadline(deadline)
                 conn = _Connection(self._open(box), box)
-            conn.deadline.at = deadline
+            else:
+                conn.deadline.at = deadline
             conn.sendall(self._head + b"Content-Length: %d\r\n\r\n" % len(data) + data)
             resp = conn.answer()
             body = resp.read(_MAX_BODY)
@@ -475,12 +465,6 @@ def _close_all(conns: list[_Connection]) -> None:
 
 def _header_name(name: str) -> str:
     return "-".join(part.capitalize() for part in name.split("-"))
-
-
-def _header_value(value: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise ValueError("an OTLP header value holds a line break")
-    return value
 
 
 def _outcome(status: int, headers: Mapping[str, str] | http.client.HTTPMessage, body: bytes) -> SendOutcome:

@@ -434,3 +434,11 @@ def test_the_client_certificate_is_presented_to_a_collector_that_asks_for_one(
         finally:
             sender.close()
         assert [s.name for s in rx.spans] == ["mutual"]
+
+
+def test_a_header_value_with_a_line_break_is_refused_when_the_sender_is_made() -> None:
+    """The head of every POST is written from the headers once: a value that would end a header line
+    (and start one of its own) is a ValueError then, and the value is not shown."""
+    with pytest.raises(ValueError, match="line break") as err:
+        OTLPSender("http://127.0.0.1:9/v1/traces", headers={"x-team": "obs\r\nX-Injected: 1"})
+    assert "Injected" not in str(err.value)
