@@ -17,12 +17,13 @@ application lets go of it. A queued ``ReadableSpan`` keeps about ten objects ali
 collector traverses over and over while it waits (its attributes, events and links, context, status...);
 held for a batch's worth of time, nearly every one is promoted to the oldest generation, and those
 promotions trigger the full collections that cost the stock ``BatchSpanProcessor`` more per span than
-encoding does. A snapshot is one tuple of plain values (its ids and times packed, its name encoded) with
-the shared resource and scope; the collector stops tracking what is inside it. Taking it costs the ending
-thread about two thirds of what encoding the span there did, and the export thread writes a whole batch of
-snapshots at once, where the encoder's code and caches stay warm. A span that is more than ordinary
-(events, links, a ``trace_state``, a sequence or bytes value...) or that the fast path cannot write is
-queued as itself, and the export thread encodes it as before.
+encoding does. A snapshot is one flat tuple of the span's parts (ids, times and attribute values as ints,
+strings and floats, and the objects every span shares), so the collector follows nothing in it that is
+the span's own. Taking it checks and encodes nothing: it copies fields (about a fifth of the cost of
+encoding the span there), and the export thread writes a whole batch of snapshots at once, where the
+encoder's code and caches stay warm. Whatever the fast path cannot write, the export thread finds there,
+and hands the official encoder the span rebuilt from its snapshot. A span not kept as the SDK keeps the
+spans it ends (a ``ReadableSpan`` built by hand, a subclass) is queued as itself.
 
 >>> encode([]).spans
 0
@@ -30,6 +31,7 @@ queued as itself, and the export thread encodes it as before.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias, Union
 
@@ -86,12 +88,12 @@ def prepare() -> None:
 
 def record(span: ReadableSpan) -> Queued:
     """What the queue holds for ``span``: its snapshot, or, when the official encoder is chosen or the
-    span is more than a snapshot holds, the span itself. Never raises."""
-    if _official or not _otlp_wire.ready():
+    span is not kept as the SDK keeps the spans it ends, the span itself. Never raises."""
+    if span.__class__ is not _otlp_wire.snapshot_class or _official:
         return span
     try:
         return _otlp_wire.snapshot(span) or span
-    except Exception:  # noqa: BLE001 - exotic or unencodable: the export thread's encode() decides
+    except Exception:  # noqa: BLE001 - not what calibrate() checked: the export thread's encode() decides
         return span
 
 
@@ -118,21 +120,24 @@ def encode_official(spans: Sequence[Queued]) -> Encoded:
 
     The whole batch is tried first. Only if that fails is each span tried on its own, so the ones that
     fail are found; the others are encoded together again, grouped exactly as they would have been.
-    Snapshots queued before the official encoder was chosen are written as snapshots (the same bytes),
-    and the spans beside them are each written by the official encoder.
+    Snapshots queued before the official encoder was chosen are rebuilt into spans
+    (``_otlp_wire.snapshot_span``) and written by it too.
     """
-    if any(s.__class__ is tuple for s in spans):
-        return _assemble(spans, _otlp_wire.official_span_field)
-    plain: Sequence[ReadableSpan] = spans  # type: ignore[assignment]  # no snapshot among them
+    plain: list[ReadableSpan] = []
+    for s in spans:
+        # One that cannot be rebuilt is counted with the unencodable below.
+        with contextlib.suppress(Exception):
+            plain.append(_otlp_wire.snapshot_span(s) if s.__class__ is tuple else s)  # type: ignore[arg-type]
+    lost = len(spans) - len(plain)
     try:
-        return Encoded(_official_bytes(plain), len(plain), 0)
+        return Encoded(_official_bytes(plain), len(plain), lost)
     except Exception:  # noqa: BLE001, S110 - find the span(s) at fault below
         pass
     good = [span for span in plain if _encodes(span)]
     try:
-        return Encoded(_official_bytes(good), len(good), len(plain) - len(good))
+        return Encoded(_official_bytes(good), len(good), len(spans) - len(good))
     except Exception:  # noqa: BLE001 - spans that encode alone but not together: give up on the batch
-        return Encoded(_official_bytes([]), 0, len(plain))
+        return Encoded(_official_bytes([]), 0, len(spans))
 
 
 def _encodes(span: ReadableSpan) -> bool:
@@ -167,23 +172,20 @@ def _assemble(spans: Sequence[Queued], write: Callable[[ReadableSpan], bytes]) -
         if span.__class__ is tuple:
             snap: _otlp_wire.Snapshot = span
             try:
-                field = _otlp_wire.snapshot_field(snap)
-            except Exception:  # noqa: BLE001 - snapshot() checked all that can fail; never lose the batch
-                dropped += 1
-                continue
-            resource, scope = snap[-2], snap[-1]
+                field: bytes | None = _otlp_wire.snapshot_field(snap)
+            except Exception:  # noqa: BLE001 - what the fast path cannot write: the official encoder decides
+                field = _official_field(snap)
+            resource, scope = snap[15], snap[16] or None
         else:
             readable: ReadableSpan = span  # type: ignore[assignment]
             try:
                 field = write(readable)
             except Exception:  # noqa: BLE001 - exotic or unencodable: the official encoder decides
-                try:
-                    field = _otlp_wire.official_span_field(readable)
-                except Exception:  # noqa: BLE001 - neither can encode it: this span alone is dropped
-                    dropped += 1
-                    continue
-            resource = readable.resource
-            scope = readable.instrumentation_scope or None
+                field = _official_field(readable)
+            resource, scope = readable.resource, readable.instrumentation_scope or None
+        if field is None:  # neither can encode it: this span alone is dropped
+            dropped += 1
+            continue
         if resource is not last_resource or scope is not last_scope:
             last = groups.setdefault(resource, {}).setdefault(scope, [])
             last_resource, last_scope = resource, scope
@@ -211,6 +213,16 @@ def _assemble(spans: Sequence[Queued], write: Callable[[ReadableSpan], bytes]) -
             parts.append(tail)
             out.append(_field(b"\x0a", b"".join(parts)))
     return Encoded(b"".join(out), count, dropped)
+
+
+def _official_field(span: Queued) -> bytes | None:
+    """The span's field written by the official encoder (a snapshot rebuilt into its span first), or None
+    if it cannot write it either."""
+    try:
+        readable = _otlp_wire.snapshot_span(span) if isinstance(span, tuple) else span
+        return _otlp_wire.official_span_field(readable)
+    except Exception:  # noqa: BLE001 - nothing to write: the caller counts it
+        return None
 
 
 _NOTHING = object()

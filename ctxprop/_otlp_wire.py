@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import DEFAULT_TRACE_STATE as _DEFAULT_TRACE_STATE
 from opentelemetry.trace import SpanKind, StatusCode
 
 if TYPE_CHECKING:
@@ -44,7 +45,10 @@ __all__ = [
     "resource_parts",
     "scope_parts",
     "snapshot",
+    "snapshot_class",
     "snapshot_field",
+    "snapshot_span",
+    "snapshots_match",
     "span_field",
 ]
 
@@ -86,6 +90,11 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# The varints of lengths below this, precomputed: a span's length prefix, its name's.
+_NLENGTHS = 2048
+_LENGTHS = tuple(_varint(n) for n in range(_NLENGTHS))
 
 
 def length_delimited(tag: bytes, body: bytes) -> bytes:
@@ -202,15 +211,8 @@ def _int_pair(key: str, value: int) -> bytes:
 
 
 def _attributes(attributes: Mapping[str, Any] | None, tag: bytes, out: list[bytes]) -> None:
-    if not attributes:
-        return
-    try:
-        # A plain dict's items: iterating the span's read-only view of its BoundedAttributes goes through
-        # Mapping's Python-level __iter__/__getitem__, several times slower than its copy() (a dict).
-        items = attributes.copy().items()  # type: ignore[attr-defined]
-    except AttributeError:
-        items = attributes.items()
-    _attribute_items(items, tag, out)
+    if attributes:
+        _attribute_items(_items(attributes), tag, out)
 
 
 def _attribute_items(items: Iterable[tuple[str, Any]], tag: bytes, out: list[bytes]) -> None:
@@ -251,37 +253,46 @@ _STATUS = {
 
 
 def span_field(span: ReadableSpan) -> bytes:
-    """One span as a ``ScopeSpans.spans`` field (tag, length, ``Span`` message)."""
-    ctx = span.context
-    parent = span.parent
-    trace_id = ctx.trace_id
-    out = [_ids(0x0A, 0x10, trace_id >> 64, trace_id & _U64, 0x12, 0x08, ctx.span_id)]
-    if ctx.trace_state:
-        out.append(_trace_state(b"\x1a", ctx.trace_state))
-    if parent:
-        out.append(_parent_id(0x22, 0x08, parent.span_id))
-    name = span.name
-    if name:
-        if name.__class__ is not str:
-            raise Unsupported
-        nb = name.encode()
-        out.append(b"\x2a" + _varint(len(nb)) + nb)
-    out.append(_KIND[id(span.kind)])
-    out.append(_time_fields(span.start_time, span.end_time))
-    _attributes(span.attributes, b"\x4a", out)
-    _count_field(b"\x50", span.dropped_attributes, out)
+    """One span as a ``ScopeSpans.spans`` field (tag, length, ``Span`` message), read through the span's
+    public properties (into the layout of a snapshot, which :func:`snapshot_field` writes)."""
+    attributes = span.attributes
+    d = dict(_items(attributes)) if attributes else {}
     # The events and links properties copy the span's bounded lists under their locks (about a
     # microsecond each); most spans have neither, which their lengths tell without a copy.
-    if _has_items(span, "_events"):
-        _events(span.events, out)
-    _count_field(b"\x60", span.dropped_events, out)
-    if _has_items(span, "_links"):
-        _links(span.links, out)
-    _count_field(b"\x70", span.dropped_links, out)
-    out.append(_status_field(span.status))
-    out.append(_features.flags_remote if parent and parent.is_remote else _features.flags_local)
-    body = b"".join(out)
-    return b"\x12" + _varint(len(body)) + body
+    ctx = span.context
+    parent = span.parent
+    return snapshot_field(
+        (
+            ctx.trace_id,
+            ctx.span_id,
+            ctx.trace_state,
+            parent.span_id if parent else None,
+            bool(parent and parent.is_remote),
+            span.name,
+            span.kind,
+            span.start_time,
+            span.end_time,
+            span.status,
+            span.dropped_attributes,
+            span.events if _has_items(span, "_events") else None,
+            span.dropped_events,
+            span.links if _has_items(span, "_links") else None,
+            span.dropped_links,
+            None,  # the resource and scope: written by the caller, with the span's group
+            None,
+            *d,
+            *d.values(),
+        )
+    )
+
+
+def _items(attributes: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+    try:
+        # A plain dict's items: iterating the span's read-only view of its BoundedAttributes goes through
+        # Mapping's Python-level __iter__/__getitem__, several times slower than its copy() (a dict).
+        return attributes.copy().items()  # type: ignore[attr-defined, no-any-return]
+    except AttributeError:
+        return attributes.items()
 
 
 def _time_fields(start: Any, end: Any) -> bytes:
@@ -292,13 +303,25 @@ def _time_fields(start: Any, end: Any) -> bytes:
     return (b"\x39" + _fixed64(start) if start else b"") + (b"\x41" + _fixed64(end) if end else b"")
 
 
+# The last status written and its field: most spans share one Status object (the SDK's default UNSET),
+# and Status is immutable, so one comparison saves its two Python-level properties. Replaced as one tuple
+# (threads may write spans at once); holding the object keeps its id from being reused.
+_last_status: tuple[Any, bytes] = (None, b"")
+
+
 def _status_field(status: Any) -> bytes:
     """The status field (nothing without a status); ``KeyError`` for an unknown code, :class:`Unsupported`
     for a description that is not text, ``UnicodeEncodeError`` for a lone surrogate in it."""
+    global _last_status  # noqa: PLW0603
+    last = _last_status
+    if status is last[0]:
+        return last[1]
     if status is None:
         return b""
     code, description = status.status_code, status.description
-    return _status(_CODE[id(code)], description) if description else _STATUS[id(code)]
+    field = _status(_CODE[id(code)], description) if description else _STATUS[id(code)]
+    _last_status = (status, field)
+    return field
 
 
 def _has_items(span: ReadableSpan, private: str) -> bool:
@@ -312,110 +335,160 @@ def _has_items(span: ReadableSpan, private: str) -> bool:
         return True
 
 
-# -- snapshots: what the queue holds for an ordinary span ---------------------------------------------------
-# The span's data as immutable plain values (ints, bytes, strs, floats, bools, tuples of those) plus its
-# resource and scope: built by the thread that ends the span, encoded by the export thread a batch at once.
+# -- snapshots: what the queue holds for a span the SDK ended ------------------------------------------------
+# A flat tuple of the span's own immutable parts, taken by the thread that ends the span:
+#   0 trace id, 1 span id, 2 trace_state, 3 parent span id (None for a root), 4 parent is remote, 5 name,
+#   6 kind, 7 start, 8 end, 9 status, 10 dropped attributes, 11 events (a tuple, or None), 12 dropped
+#   events, 13 links, 14 dropped links, 15 resource, 16 scope, then the attribute keys, then their values.
+# Ints and strings, and objects every span shares (the kind, the SDK's default status and trace_state, the
+# resource and scope): the garbage collector follows nothing in it that is this span's own.
+# The export thread writes it (snapshot_field) with the same writer as a span, a batch at once.
 Snapshot = tuple[Any, ...]
-_PLAIN = (str, bool, int, float)
+_FIXED = 17
+
+#: The class of span that :func:`snapshot` reads: the SDK's ``ReadableSpan`` (what ``Span.end()`` hands
+#: ``on_end``) once :func:`calibrate` has checked its layout; None before that, or if the check failed.
+snapshot_class: type | None = None
+_BoundedAttributes: Any = None
+_BoundedList: Any = None
 
 
-def snapshot(span: ReadableSpan) -> Snapshot | None:  # noqa: PLR0911 - one pass over the span
-    """The span as a :data:`Snapshot` that :func:`snapshot_field` writes exactly (the same bytes as
-    :func:`span_field`), or None when the span holds anything more than an ordinary span does: events,
-    links, a ``trace_state``, an attribute that is not a str, bool, int64 or float, text that is not valid
-    UTF-8, an unusual count. Raises what :func:`span_field` raises for an unknown kind or status code, ids
-    or times out of range, a lone surrogate in the name or status (``record()`` then queues the span
-    itself). Whatever could make the encoding fail is checked or done here (the ids, times and status are
-    written here already, the name encoded), so writing a snapshot cannot fail.
+def snapshot(span: ReadableSpan) -> Snapshot | None:
+    """The span's parts as a :data:`Snapshot`, or None when it does not keep them as an ended SDK span
+    does (its attributes in a ``BoundedAttributes``, its events and links in ``BoundedList`` s).
 
-    Cheaper than encoding on the thread that ends the span, and nothing in it the garbage collector has to
-    follow but the tuple itself (its inner tuples hold only atoms, so CPython stops tracking them).
+    Only for a span of :data:`snapshot_class` (the caller checks). It reads the span's private fields, not
+    its public properties: on 3.11 each property is a Python-level call, and the ten of them cost the
+    thread that ends the span more than the rest of the snapshot. :func:`calibrate` checks, on spans of
+    every shape, that a snapshot is written to the same bytes as the span itself read through its public
+    properties; if the installed SDK keeps its spans any other way, no span is snapshotted.
+
+    Nothing is checked or encoded here: whatever cannot be written (a lone surrogate, an int past int64, a
+    mapping value...) is found by the export thread, which then hands the official encoder the span
+    rebuilt from its parts (:func:`snapshot_span`). What is held is immutable: an ended span refuses
+    changes, and the SDK stores copies of what it was given (tuples for sequences, new dicts for mappings).
     """
-    # Only the emptiness of ReadableSpan's private lists is read (as in _has_items); a span without them
-    # takes the span path.
-    events = getattr(span, "_events", None)
-    links = getattr(span, "_links", None)
-    if events is None or links is None or len(events) or len(links):
-        return None
-    ctx = span.context
-    name = span.name
-    if ctx.trace_state or name.__class__ is not str:
-        return None
-    trace_id = ctx.trace_id
-    head = _ids(0x0A, 0x10, trace_id >> 64, trace_id & _U64, 0x12, 0x08, ctx.span_id)
-    parent = span.parent
-    if parent:
-        head += _parent_id(0x22, 0x08, parent.span_id)
-    attributes = span.attributes
-    items: tuple[tuple[str, Any], ...] = ()
-    if attributes:
-        items = tuple(attributes.copy().items())  # type: ignore[attr-defined]
-        for key, value in items:
-            t = value.__class__
-            if key.__class__ is not str or not (key.isascii() or _utf8(key)):
-                return None
-            if t is str:
-                if not (value.isascii() or _utf8(value)):
-                    return None
-            elif t is int:
-                if not _I64_MIN <= value <= _I64_MAX:
-                    return None
-            elif t is not bool and t is not float:
-                return None
-    d_attrs, d_events, d_links = span.dropped_attributes, span.dropped_events, span.dropped_links
-    if not (
-        d_attrs.__class__ is int
-        and d_events.__class__ is int
-        and d_links.__class__ is int
-        and 0 <= d_attrs <= _U32
-        and 0 <= d_events <= _U32
-        and 0 <= d_links <= _U32
+    a: Any = span._attributes
+    events: Any = span._events
+    links: Any = span._links
+    if (
+        a.__class__ is not _BoundedAttributes
+        or events.__class__ is not _BoundedList
+        or links.__class__ is not _BoundedList
     ):
         return None
+    ev = events._dq
+    lk = links._dq
+    d = a._dict
+    ctx: Any = span._context  # a SpanContext, read as the tuple it is
+    parent: Any = span._parent
     return (
-        head,
-        name.encode(),  # raises for a lone surrogate
-        _KIND[id(span.kind)],
-        _time_fields(span.start_time, span.end_time),
-        items,
-        d_attrs,
-        d_events,
-        d_links,
-        _status_field(span.status),
-        _features.flags_remote if parent and parent.is_remote else _features.flags_local,
-        span.resource,
-        span.instrumentation_scope or None,
+        ctx[0],
+        ctx[1],
+        ctx[4],
+        parent[1] if parent else None,
+        bool(parent and parent[2]),
+        span._name,
+        span._kind,
+        span._start_time,
+        span._end_time,
+        span._status,
+        a.dropped,
+        tuple(ev) if ev else None,
+        events.dropped,
+        tuple(lk) if lk else None,
+        links.dropped,
+        span._resource,
+        span._instrumentation_scope,
+        *d,
+        *d.values(),
     )
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def snapshot_field(snap: Snapshot) -> bytes:
-    """One snapshot as a ``ScopeSpans.spans`` field: the bytes :func:`span_field` writes for its span."""
-    head, name, kind, times, items, d_attrs, d_events, d_links, status_field, flags, _, _ = snap
-    out = [head]
+    """One snapshot as a ``ScopeSpans.spans`` field: the one writer of a span, for :func:`span_field` too.
+
+    Raises :class:`Unsupported` for what only the official encoder writes exactly, and ``struct.error``,
+    ``KeyError`` or ``UnicodeEncodeError`` for what cannot be written (the caller then falls back on the
+    official encoder, with :func:`snapshot_span`). The contexts are read as the tuples they are (their
+    public properties are Python-level calls); :func:`calibrate` compares the result with the official
+    encoder's bytes on spans of every shape, remote and local parents and trace_states included, and
+    leaves every span to the official encoder if they differ. The common cases are written inline: on
+    3.11 each function call costs as much as a field.
+    """
+    trace_id = snap[0]
+    out = [_ids(0x0A, 0x10, trace_id >> 64, trace_id & _U64, 0x12, 0x08, snap[1])]
+    trace_state = snap[2]
+    if trace_state is not _DEFAULT_TRACE_STATE and trace_state:  # TraceState's len() is Python-level
+        out.append(_trace_state(b"\x1a", trace_state))
+    if snap[3] is not None:
+        out.append(_parent_id(0x22, 0x08, snap[3]))
+    name = snap[5]
     if name:
-        out.append(b"\x2a" + _varint(len(name)) + name)
-    out.append(kind)
-    out.append(times)
-    if items:
-        _attribute_items(items, b"\x4a", out)
-    if d_attrs:
-        out.append(b"\x50" + _varint(d_attrs))
-    if d_events:
-        out.append(b"\x60" + _varint(d_events))
-    if d_links:
-        out.append(b"\x70" + _varint(d_links))
-    out.append(status_field)
-    out.append(flags)
+        if name.__class__ is not str:
+            raise Unsupported
+        nb = name.encode()
+        n = len(nb)
+        out.append(b"\x2a" + (_LENGTHS[n] if n < _NLENGTHS else _varint(n)) + nb)
+    out.append(_KIND[id(snap[6])])
+    start, end = snap[7], snap[8]
+    out.append(_times(0x39, start, 0x41, end) if start and end else _time_fields(start, end))
+    n = len(snap) - _FIXED
+    if n:
+        n >>= 1
+        _attribute_items(zip(snap[_FIXED : _FIXED + n], snap[_FIXED + n :], strict=True), b"\x4a", out)
+    if snap[10]:
+        _count_field(b"\x50", snap[10], out)
+    if snap[11]:
+        _events(snap[11], out)
+    if snap[12]:
+        _count_field(b"\x60", snap[12], out)
+    if snap[13]:
+        _links(snap[13], out)
+    if snap[14]:
+        _count_field(b"\x70", snap[14], out)
+    status = snap[9]
+    last = _last_status
+    out.append(last[1] if status is last[0] else _status_field(status))
+    out.append(_features.flags_remote if snap[4] else _features.flags_local)
     body = b"".join(out)
-    return b"\x12" + _varint(len(body)) + body
+    n = len(body)
+    return b"\x12" + (_LENGTHS[n] if n < _NLENGTHS else _varint(n)) + body
+
+
+def snapshot_span(snap: Snapshot) -> ReadableSpan:
+    """The span a snapshot was taken from, rebuilt through the SDK's public constructors: what the
+    official encoder reads from it is what it would have read from the original."""
+    from opentelemetry.attributes import BoundedAttributes
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util import BoundedList
+    from opentelemetry.trace import SpanContext
+
+    n = (len(snap) - _FIXED) >> 1
+    attributes = BoundedAttributes(
+        None, dict(zip(snap[_FIXED : _FIXED + n], snap[_FIXED + n :], strict=True))
+    )
+    attributes.dropped = snap[10]
+    events: Any = BoundedList.from_seq(None, snap[11] or ())
+    events.dropped = snap[12]
+    links: Any = BoundedList.from_seq(None, snap[13] or ())
+    links.dropped = snap[14]
+    # Of the contexts, the official encoder reads the ids, the trace_state and whether the parent is remote.
+    parent = None if snap[3] is None else SpanContext(snap[0], snap[3], snap[4])
+    return ReadableSpan(
+        name=snap[5],
+        context=SpanContext(snap[0], snap[1], False, trace_state=snap[2]),
+        parent=parent,
+        resource=snap[15],
+        attributes=attributes,
+        events=events,
+        links=links,
+        kind=snap[6],
+        status=snap[9],
+        start_time=snap[7],
+        end_time=snap[8],
+        instrumentation_scope=snap[16],
+    )
 
 
 def _string(tag: bytes, text: str) -> bytes:
@@ -515,24 +588,51 @@ def scope_parts(scope: InstrumentationScope | None) -> tuple[bytes, bytes]:
 
 
 # -- calibration against the installed official encoder ------------------------------------------------------
-def _probe_spans(attributes: Mapping[str, Any]) -> Iterable[ReadableSpan]:
+def _probe_spans(
+    attributes: Mapping[str, Any], span_class: type | None = None, bounded: bool = False
+) -> Iterable[ReadableSpan]:
+    """Spans of every kind and parent, with events, links, a trace_state and statuses. ``bounded``: kept
+    as ``Span.end()`` hands them to ``on_end`` (``BoundedAttributes``, ``BoundedList`` s), each past its
+    limit by one, and a plain span besides."""
+    from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.util import BoundedList
     from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceState
 
+    cls = span_class or ReadableSpan
     ts = TraceState([("k", "v"), ("x", "y")])
     local = SpanContext(0x1234, 0x56, False, trace_state=ts)
     remote = SpanContext(0x99, 0x77, True)
+    events: Any = [Event("e", {"a": 1}, timestamp=5), Event("", None, timestamp=0)]
+    links: Any = [Link(local, {"l": "v"}), Link(remote)]
+    attrs: Any = attributes
+    if bounded:
+        # The SDK would refuse an empty key (and log it): leave it out here.
+        attrs = {k: v for k, v in attributes.items() if k}
+        attrs = BoundedAttributes(len(attrs) - 1, attrs)
+        events = BoundedList.from_seq(len(events) - 1, events)
+        links = BoundedList.from_seq(len(links) - 1, links)
+        yield cls(
+            "plain",
+            SpanContext(0xABC, 0xDEF, False),
+            resource=Resource.get_empty(),
+            attributes=BoundedAttributes(None, {"k": "v"}),
+            events=BoundedList(None),
+            links=BoundedList(None),
+            start_time=2,
+            end_time=3,
+        )
     for kind in SpanKind:
         for parent in (None, local, remote):
-            yield ReadableSpan(
+            yield cls(
                 "probe \u00e9",
                 SpanContext(0xABC, 0xDEF, False, trace_state=ts),
                 parent=parent,
                 resource=Resource.get_empty(),
-                attributes=attributes,
-                events=[Event("e", {"a": 1}, timestamp=5), Event("", None, timestamp=0)],
-                links=[Link(local, {"l": "v"}), Link(remote)],
+                attributes=attrs,
+                events=events,
+                links=links,
                 kind=kind,
                 status=Status(StatusCode.ERROR, "bad") if parent else Status(StatusCode.OK),
                 start_time=1,
@@ -545,6 +645,26 @@ def _matches(attributes: Mapping[str, Any]) -> bool:
         return all(span_field(s) == official_span_field(s) for s in _probe_spans(attributes))
     except Exception:  # noqa: BLE001 - any failure means "do not use this feature"
         return False
+
+
+def snapshots_match(span_class: type, attributes: Mapping[str, Any]) -> bool:
+    """Whether :func:`snapshot` reads spans of ``span_class``, kept as ``Span.end()`` keeps them, exactly:
+    each snapshot is written to the bytes its span is (read through its public properties), and so is the
+    span rebuilt from it. The guard on the SDK's private layout (see :func:`snapshot`)."""
+    global _BoundedAttributes, _BoundedList
+    from opentelemetry.attributes import BoundedAttributes
+    from opentelemetry.sdk.util import BoundedList
+
+    _BoundedAttributes, _BoundedList = BoundedAttributes, BoundedList
+    try:
+        for span in _probe_spans(attributes, span_class, bounded=True):
+            snap = snapshot(span)
+            want = span_field(span)
+            if snap is None or snapshot_field(snap) != want or span_field(snapshot_span(snap)) != want:
+                return False
+    except Exception:  # noqa: BLE001 - a layout this module does not know: spans are queued as themselves
+        return False
+    return True
 
 
 def _flags_field(tag: bytes, value: int) -> bytes:
@@ -567,15 +687,19 @@ def calibrate() -> bool:
         return False
     # The probes make an older official encoder log each attribute it cannot write ("Failed to encode
     # key ..."): measuring it must not put those records in the application's logs.
-    official_log = logging.getLogger("opentelemetry.exporter.otlp.proto.common._internal")
+    # The same for the SDK's attribute cleaning, which the snapshot probes go through.
+    names = ("opentelemetry.exporter.otlp.proto.common._internal", "opentelemetry.attributes")
+    logs = [logging.getLogger(n) for n in names]
     quiet = _Quiet()
-    official_log.addFilter(quiet)
+    for log in logs:
+        log.addFilter(quiet)
     try:
         if not _calibrated:
             _calibrate_now()
             _calibrated = True
     finally:
-        official_log.removeFilter(quiet)
+        for log in logs:
+            log.removeFilter(quiet)
         _calibrate_lock.release()
     return _features.usable
 
@@ -586,6 +710,7 @@ class _Quiet(logging.Filter):
 
 
 def _calibrate_now() -> None:
+    global snapshot_class  # noqa: PLW0603
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.trace import Link, SpanContext
@@ -639,5 +764,6 @@ def _calibrate_now() -> None:
         f.bytes_values = _matches({"x": b"\x00\xff", "xs": (b"a", b"")})
         f.none_in_sequences = True
         f.none_in_sequences = _matches({"n": ("a", None), "m": (None,)})
+        snapshot_class = ReadableSpan if snapshots_match(ReadableSpan, common) else None
     except Exception:  # noqa: BLE001 - a failed calibration leaves everything to the official encoder
         f.usable = False

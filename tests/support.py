@@ -30,6 +30,7 @@ __all__ = [
     "OTLPReceiver",
     "ReceivedSpan",
     "assert_books_balance",
+    "ended",
     "receiver",
     "run_child",
 ]
@@ -193,3 +194,34 @@ def assert_books_balance(stats: dict[str, int], *, ended: int | None = None) -> 
     ), stats
     if ended is not None:
         assert get("spans_ended") == ended, stats
+
+
+def ended(span: Any) -> Any:
+    """``span`` as the SDK's ``Span.end()`` hands it to ``on_end``: a ``ReadableSpan`` whose attributes are
+    a ``BoundedAttributes`` and whose events and links are ``BoundedList`` s, with the span's dropped
+    counts. Built through their public constructors, so the attributes are cleaned as the SDK cleans them
+    (an empty key is dropped, a list becomes a tuple): what ctxprop's processor is really given."""
+    from opentelemetry.attributes import BoundedAttributes
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util import BoundedList
+
+    attributes = BoundedAttributes(None, span.attributes)
+    attributes.dropped = span.dropped_attributes
+    events: Any = BoundedList.from_seq(None, span.events)
+    events.dropped = span.dropped_events
+    links: Any = BoundedList.from_seq(None, span.links)
+    links.dropped = span.dropped_links
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attributes,
+        events=events,
+        links=links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )

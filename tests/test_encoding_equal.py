@@ -6,8 +6,9 @@ hand-written path writes itself are also checked to stay on it (not just to be e
 fallback), and shapes it leaves to the official encoder are checked to take the fallback.
 
 Every comparison is made twice: the spans encoded as they are, and what the processor's queue holds for
-them (``_encoding.record``: a snapshot of an ordinary span, written by ``snapshot_field``, or the span
-itself), so both ways to the wire are held to the official bytes.
+them as the SDK ends them (``_encoding.record`` of ``support.ended(span)``: a snapshot, written by
+``snapshot_field``, or by the official encoder from the span rebuilt from it), so both ways to the wire
+are held to the official bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
+from support import ended
 
 from ctxprop import _encoding, _otlp_wire
 from ctxprop._encoding import encode_fast, encode_official
@@ -50,9 +52,11 @@ def span(**kw: Any) -> ReadableSpan:
 
 
 def queued(spans: Sequence[ReadableSpan]) -> list[_encoding.Queued]:
-    """What the processor's queue holds for these spans."""
+    """What the processor's queue holds for these spans, ended as the SDK ends them: all snapshots."""
     _encoding.prepare()
-    return [_encoding.record(s) for s in spans]
+    records = [_encoding.record(ended(s)) for s in spans]
+    assert all(r.__class__ is tuple for r in records), "every span the SDK ends is snapshotted"
+    return records
 
 
 def assert_same(spans: Sequence[ReadableSpan]) -> None:
@@ -63,7 +67,7 @@ def assert_same(spans: Sequence[ReadableSpan]) -> None:
     assert ours.payload == official
     assert (ours.spans, ours.dropped) == (len(spans), 0)
     from_queue = encode_fast(queued(spans))
-    assert from_queue.payload == official
+    assert from_queue.payload == encode_spans([ended(s) for s in spans]).SerializeToString()
     assert (from_queue.spans, from_queue.dropped) == (len(spans), 0)
     ours_msg, official_msg = ExportTraceServiceRequest(), ExportTraceServiceRequest()
     ours_msg.ParseFromString(ours.payload)
@@ -82,14 +86,15 @@ def _has_nan(spans: Sequence[ReadableSpan]) -> bool:
 
 
 def assert_fast_path(s: ReadableSpan) -> None:
-    """The hand-written path writes this span itself, byte for byte as the official encoder (and so does
-    its snapshot, if it is ordinary enough to have one)."""
+    """The hand-written path writes this span itself, byte for byte as the official encoder, and so it
+    does the snapshot of the span as the SDK ends it."""
     assert _otlp_wire.calibrate()
     official = _otlp_wire.official_span_field(s)
     assert _otlp_wire.span_field(s) == official
-    snap = _otlp_wire.snapshot(s)
-    if snap is not None:
-        assert _otlp_wire.snapshot_field(snap) == official
+    sdk = ended(s)
+    snap = _otlp_wire.snapshot(sdk)
+    assert snap is not None
+    assert _otlp_wire.snapshot_field(snap) == _otlp_wire.official_span_field(sdk)
 
 
 def assert_fallback(s: ReadableSpan) -> None:
@@ -475,7 +480,7 @@ def test_property_fast_path_writes_official_bytes(batch: list[ReadableSpan]) -> 
         assert_fast_path(s)
     official = encode_spans(batch).SerializeToString()
     assert encode_fast(batch).payload == official
-    assert encode_fast(queued(batch)).payload == official
+    assert encode_fast(queued(batch)).payload == encode_spans([ended(s) for s in batch]).SerializeToString()
 
 
 @settings(max_examples=120, deadline=None)
@@ -485,9 +490,9 @@ def test_property_batches_equal_official_per_span_fallback(batch: list[ReadableS
     ours, official = encode_fast(batch), encode_official(batch)
     assert ours.payload == official.payload
     assert (ours.spans, ours.dropped) == (official.spans, official.dropped)
-    from_queue = encode_fast(queued(batch))
-    assert from_queue.payload == official.payload
-    assert (from_queue.spans, from_queue.dropped) == (official.spans, official.dropped)
+    from_queue, official_queue = encode_fast(queued(batch)), encode_official([ended(s) for s in batch])
+    assert from_queue.payload == official_queue.payload
+    assert (from_queue.spans, from_queue.dropped) == (official_queue.spans, official_queue.dropped)
     if not official.dropped:
         assert ours.payload == encode_spans(batch).SerializeToString()
 
@@ -552,6 +557,8 @@ ORDINARY = {"route": "/items/{id}", "n": 7, "big": I64_MIN, "ratio": 0.25, "ok":
         ("a trace_state", {"context": SpanContext(1, 2, False, trace_state=TraceState([("v", "1")]))}),
         ("a sequence value", {"attributes": {"tags": ("a", "b")}}),
         ("a bytes value", {"attributes": {"blob": b"\x00"}}),
+        ("a mapping value", {"attributes": {"m": {"k": "v"}}}),
+        ("a None value", {"attributes": {"n": None}}),
         ("an int subclass", {"attributes": {"code": Color.RED}}),
         ("an int past int64", {"attributes": {"huge": I64_MAX + 1}}),
         ("a lone surrogate in a value", {"attributes": {"k": "x\ud800"}}),
@@ -559,19 +566,39 @@ ORDINARY = {"route": "/items/{id}", "n": 7, "big": I64_MIN, "ratio": 0.25, "ok":
         ("a lone surrogate in the name", {"name": "x\ud800"}),
         ("a lone surrogate in the status", {"status": Status(StatusCode.ERROR, "x\ud800")}),
         ("a float start time", {"start_time": 1.5}),
+        ("a trace id past 128 bits", {"context": SpanContext(1 << 130, 1, False)}),
     ],
 )
-def test_what_is_more_than_ordinary_is_queued_as_the_span_itself(why: str, kw: dict[str, Any]) -> None:
-    """record() snapshots an ordinary span; a span holding anything a snapshot does not check for (here:
-    {why}) is queued as itself, and the batch still encodes as the official path does."""
-    plain, odd = span(attributes=ORDINARY), span(**kw)
+def test_whatever_an_ended_span_holds_it_is_snapshotted_and_written_as_the_official_path(
+    why: str, kw: dict[str, Any]
+) -> None:
+    """Every span the SDK ends is snapshotted, whatever it holds (here: {why}): nothing is checked on
+    the thread that ends it. What the fast path cannot write, the export thread finds, and the official
+    encoder writes the span rebuilt from the snapshot, or drops it alone as the official path does."""
+    plain, odd = ended(span(attributes=ORDINARY)), ended(span(**kw))
     _encoding.prepare()
-    assert _encoding.record(plain).__class__ is tuple, "an ordinary span is snapshotted"
-    assert _encoding.record(odd) is odd, why
-    batch = [plain, odd, span(name="after", attributes=ORDINARY)]
-    ours, official = encode_fast(queued(batch)), encode_official(batch)
+    assert _encoding.record(odd).__class__ is tuple, why
+    batch = [plain, odd, ended(span(name="after", attributes=ORDINARY))]
+    ours, official = encode_fast([_encoding.record(s) for s in batch]), encode_official(batch)
     assert ours.payload == official.payload
     assert (ours.spans, ours.dropped) == (official.spans, official.dropped)
+    # And the rebuilt span is the span, to the official encoder.
+    rebuilt = _otlp_wire.snapshot_span(_encoding.record(odd))  # type: ignore[arg-type]
+    assert encode_official([rebuilt]) == encode_official([odd])
+
+
+def test_spans_not_kept_as_the_sdk_keeps_them_are_queued_as_themselves() -> None:
+    """A ReadableSpan built by hand (a plain dict of attributes, lists of events), a subclass, or any other
+    span class is queued as itself and written from its public properties; its batch is still equal."""
+    _encoding.prepare()
+    by_hand = span(attributes=dict(ORDINARY), events=[Event("e", timestamp=1)])
+    sub = _OwnEvents(name="own", context=SpanContext(1, 2, False), resource=RESOURCE, events=[], links=[])
+    for s in (by_hand, sub):
+        assert _encoding.record(s) is s
+    batch = [ended(span()), by_hand, sub, ended(span(name="z"))]
+    queued_batch = [_encoding.record(s) for s in batch]
+    assert [q.__class__ is tuple for q in queued_batch] == [True, False, False, True]
+    assert encode_fast(queued_batch) == encode_official(batch)
 
 
 @pytest.mark.parametrize(
@@ -590,7 +617,66 @@ def test_what_is_more_than_ordinary_is_queued_as_the_span_itself(why: str, kw: d
 def test_ordinary_spans_are_snapshots_written_as_the_official_encoder_writes_them(kw: dict[str, Any]) -> None:
     """Roots and children, remote and local parents, statuses with and without a description, empty
     names and missing times: snapshotted, and written byte for byte as the official encoder."""
-    s = span(**kw)
+    s = ended(span(**kw))
     snap = _otlp_wire.snapshot(s)
     assert snap is not None
     assert _otlp_wire.snapshot_field(snap) == _otlp_wire.official_span_field(s)
+
+
+# -- the guard on the SDK's private layout -------------------------------------------------------------------
+class _ContextElsewhere(ReadableSpan):
+    """A span of an SDK that would keep its context under another private name."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._moved = self._context
+        del self._context
+
+    @property
+    def context(self) -> SpanContext:
+        """The context, from where this SDK keeps it."""
+        return self._moved  # type: ignore[return-value]
+
+
+class _StaleName(ReadableSpan):
+    """A span of an SDK whose name property would no longer read ``_name`` (which holds a stale value)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._display_name, self._name = self._name, "stale"
+
+    @property
+    def name(self) -> str:
+        """The name, from where this SDK keeps it."""
+        return self._display_name
+
+
+@pytest.mark.parametrize("layout", [_ContextElsewhere, _StaleName], ids=["missing field", "stale field"])
+def test_a_span_layout_the_snapshot_does_not_know_turns_snapshots_off(layout: type) -> None:
+    """calibrate()'s guard compares each snapshot's bytes with the span's own, read through its public
+    properties: a layout where a private field is missing or no longer what the property returns fails it
+    (and then no span is snapshotted). The SDK's own ReadableSpan passes it."""
+    attributes = {"s": "v", "i": 1, "f": 0.5, "b": True, "seq": ("a",)}
+    assert _otlp_wire.snapshots_match(ReadableSpan, attributes)
+    assert not _otlp_wire.snapshots_match(layout, attributes)
+    assert _otlp_wire.calibrate()
+    assert _otlp_wire.snapshot_class is ReadableSpan
+
+
+def test_with_snapshots_off_spans_are_queued_as_themselves_and_written_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other side of the guard: with snapshots off (an SDK whose layout failed the check), what the
+    SDK ends is queued as itself and written through its public properties, to the same bytes."""
+    assert _otlp_wire.calibrate()
+    monkeypatch.setattr(_otlp_wire, "snapshot_class", None)
+    batch = [
+        ended(span(attributes=ORDINARY)),
+        ended(span(parent=SpanContext(1, 3, True), status=Status(StatusCode.ERROR, "x"))),
+        ended(span(events=[Event("e", {"k": 1}, timestamp=5)], attributes={"m": {"k": "v"}})),
+        ended(span(name="bad\ud800")),
+    ]
+    records = [_encoding.record(s) for s in batch]
+    assert all(r is s for r, s in zip(records, batch, strict=True))
+    assert encode_fast(records) == encode_official(batch)
+    assert encode_fast(records).dropped == 1

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import run_child
+from support import ended, run_child
 
 from ctxprop import _capture, _stats
 from ctxprop._scopes import Scope
@@ -187,13 +187,15 @@ def test_parallel_threads_encode_their_spans_exactly() -> None:
             # Distinct keys and values on each thread, enough of them to fill and clear the caches.
             attributes: dict[str, Any] = {f"k{i}-{n % 97}": f"v{n % 211}", f"n{i}": n * 7}
             attributes.update({"x": n % 5, "f": n / 3})
-            span = ReadableSpan(
-                f"t{i}-{n}",
-                SpanContext(i + 1, n + 1, False),
-                resource=resource,
-                attributes=attributes,
-                start_time=1,
-                end_time=2,
+            span = ended(
+                ReadableSpan(
+                    f"t{i}-{n}",
+                    SpanContext(i + 1, n + 1, False),
+                    resource=resource,
+                    attributes=attributes,
+                    start_time=1,
+                    end_time=2,
+                )
             )
             queued = _encoding.record(span)
             # Snapshotted and written on this thread, beside the others doing the same with the caches.
