@@ -592,8 +592,8 @@ def _probe_spans(
     attributes: Mapping[str, Any], span_class: type | None = None, bounded: bool = False
 ) -> Iterable[ReadableSpan]:
     """Spans of every kind and parent, with events, links, a trace_state and statuses. ``bounded``: kept
-    as ``Span.end()`` hands them to ``on_end`` (``BoundedAttributes``, ``BoundedList`` s), each past its
-    limit by one, and a plain span besides."""
+    as ``Span.end()`` hands them to ``on_end`` (``BoundedAttributes``, ``BoundedList`` s), with dropped
+    counts, and a plain span besides."""
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -608,11 +608,12 @@ def _probe_spans(
     links: Any = [Link(local, {"l": "v"}), Link(remote)]
     attrs: Any = attributes
     if bounded:
-        # The SDK would refuse an empty key (and log it): leave it out here.
-        attrs = {k: v for k, v in attributes.items() if k}
-        attrs = BoundedAttributes(len(attrs) - 1, attrs)
-        events = BoundedList.from_seq(len(events) - 1, events)
-        links = BoundedList.from_seq(len(links) - 1, links)
+        # The SDK would refuse an empty key (and log it): leave it out here. The dropped counts are set,
+        # not caused: going past a limit would log, and ctxprop counts those records as the app's.
+        attrs = BoundedAttributes(None, {k: v for k, v in attributes.items() if k})
+        events = BoundedList.from_seq(None, events)
+        links = BoundedList.from_seq(None, links)
+        attrs.dropped, events.dropped, links.dropped = 1, 2, 3
         yield cls(
             "plain",
             SpanContext(0xABC, 0xDEF, False),
@@ -687,19 +688,15 @@ def calibrate() -> bool:
         return False
     # The probes make an older official encoder log each attribute it cannot write ("Failed to encode
     # key ..."): measuring it must not put those records in the application's logs.
-    # The same for the SDK's attribute cleaning, which the snapshot probes go through.
-    names = ("opentelemetry.exporter.otlp.proto.common._internal", "opentelemetry.attributes")
-    logs = [logging.getLogger(n) for n in names]
+    official_log = logging.getLogger("opentelemetry.exporter.otlp.proto.common._internal")
     quiet = _Quiet()
-    for log in logs:
-        log.addFilter(quiet)
+    official_log.addFilter(quiet)
     try:
         if not _calibrated:
             _calibrate_now()
             _calibrated = True
     finally:
-        for log in logs:
-            log.removeFilter(quiet)
+        official_log.removeFilter(quiet)
         _calibrate_lock.release()
     return _features.usable
 
