@@ -43,7 +43,6 @@ from opentelemetry.trace import Tracer  # noqa: E402
 
 from ctxprop._processor import CtxpropSpanProcessor  # noqa: E402
 from ctxprop._spool import Spool  # noqa: E402
-from ctxprop._tagging import ScopeTagSpanProcessor  # noqa: E402
 from ctxprop._transport import OTLPSender, quiet_official_loggers, stable_resource  # noqa: E402
 
 RECEIVER = """
@@ -112,13 +111,13 @@ _SPOOL_DIR = tempfile.TemporaryDirectory(prefix="bench-pipeline-spool-")
 
 
 def ctxprop_pipeline(endpoint: str, queue: int) -> tuple[list[SpanProcessor], Resource]:
-    # What init() builds, in its order: the scope-tag processor (the provider calls it for every span, so
-    # its cost counts against ctxprop), ctxprop's processor with its OTLP sender and a spool (looked at
-    # after each delivered batch), and its resource (hash computed once).
+    # What init() builds: ctxprop's processor, tagging spans with the scopes' tags as they start (its cost
+    # counts against ctxprop), with its OTLP sender and a spool (looked at after each delivered batch),
+    # and its resource (hash computed once).
     proc = CtxpropSpanProcessor(
-        sender=OTLPSender(endpoint), spool=Spool.open(_SPOOL_DIR.name), max_queue_size=queue
+        sender=OTLPSender(endpoint), spool=Spool.open(_SPOOL_DIR.name), max_queue_size=queue, tag_scopes=True
     )
-    return [ScopeTagSpanProcessor(), proc], stable_resource(Resource.create({}))
+    return [proc], stable_resource(Resource.create({}))
 
 
 def ctxprop_same_exporter(endpoint: str, queue: int) -> tuple[list[SpanProcessor], Resource]:
@@ -199,10 +198,7 @@ def queue_memory(endpoint: str, n: int = 10_000) -> dict[str, float]:
             Resource.create({}),
         ),
         "ctxprop": lambda: (
-            [
-                ScopeTagSpanProcessor(),
-                CtxpropSpanProcessor(None, size, never, size, sender=OTLPSender(endpoint)),
-            ],
+            [CtxpropSpanProcessor(None, size, never, size, sender=OTLPSender(endpoint), tag_scopes=True)],
             stable_resource(Resource.create({})),
         ),
     }

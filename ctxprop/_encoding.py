@@ -86,15 +86,23 @@ def prepare() -> None:
         _otlp_wire.calibrate()
 
 
-def record(span: ReadableSpan) -> Queued:
+def record(span: ReadableSpan) -> Queued | None:
     """What the queue holds for ``span``: its snapshot, or, when the official encoder is chosen or the
-    span is not kept as the SDK keeps the spans it ends, the span itself. Never raises."""
-    if span.__class__ is not _otlp_wire.snapshot_class or _official:
-        return span
+    span is not kept as the SDK keeps the spans it ends, the span itself; None when the span is not
+    sampled (nothing is exported for it). Never raises."""
+    if span.__class__ is _otlp_wire.snapshot_class and not _official:
+        try:
+            snap = _otlp_wire.snapshot(span)
+        except Exception:  # noqa: BLE001 - not what calibrate() checked: the public properties decide
+            snap = None
+        if snap:
+            return snap
+        if snap is not None:  # (): not sampled
+            return None
     try:
-        return _otlp_wire.snapshot(span) or span
-    except Exception:  # noqa: BLE001 - not what calibrate() checked: the export thread's encode() decides
-        return span
+        return span if span.context.trace_flags.sampled else None
+    except Exception:  # noqa: BLE001 - a span without a usable context has nothing to export
+        return None
 
 
 def current_encoder() -> str:

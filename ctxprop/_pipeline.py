@@ -119,8 +119,7 @@ def init(
         # ctxprop owns the ending (atexit with a deadline); the SDK's own atexit shutdown would be a second,
         # unbounded one.
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        provider.add_span_processor(ScopeTagSpanProcessor())
-        provider.add_span_processor(processor)
+        provider.add_span_processor(processor)  # it tags spans with the scopes' tags too (tag_scopes)
         _set_global_provider(provider)
         _provider, _processor, _config = provider, processor, cfg
     _arm(cfg, processor)
@@ -135,6 +134,7 @@ def _build_processor(cfg: PipelineConfig, exporter: SpanExporter | None) -> Ctxp
     if exporter is not None:
         return CtxpropSpanProcessor(
             exporter=exporter,
+            tag_scopes=True,
             max_queue_size=cfg.max_queue_size,
             max_export_batch_size=cfg.max_export_batch_size,
             schedule_delay=cfg.schedule_delay,
@@ -145,6 +145,7 @@ def _build_processor(cfg: PipelineConfig, exporter: SpanExporter | None) -> Ctxp
     return CtxpropSpanProcessor(
         sender=OTLPSender(cfg.endpoint, headers=cfg.headers, compression=cfg.compression),
         spool=_open_spool(cfg),
+        tag_scopes=True,
         max_queue_size=cfg.max_queue_size,
         max_export_batch_size=cfg.max_export_batch_size,
         schedule_delay=cfg.schedule_delay,
@@ -176,7 +177,6 @@ def attach(provider: TracerProvider, *, exporter: SpanExporter | None = None) ->
 
         quiet_official_loggers()
         processor = _build_processor(cfg, exporter)
-        provider.add_span_processor(ScopeTagSpanProcessor())
         provider.add_span_processor(processor)
         _provider, _processor, _config, _configured = provider, processor, cfg, True
     _arm(cfg, processor)

@@ -45,6 +45,8 @@ from ctxprop import _encoding, _stats
 from ctxprop._batches import SENDING, WAITING, Batch, Ledger, settings
 from ctxprop._delivery import Policy, reserve_for_spool
 from ctxprop._encoding import Queued, encode
+from ctxprop._scopes import CURRENT, ISOLATION
+from ctxprop._tagging import tag_span
 from ctxprop._transport import OK, SendOutcome
 
 if TYPE_CHECKING:
@@ -81,6 +83,10 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
     their deadline even if ``export()`` blocks. ``init()`` builds one for its own OTLP path (``sender=``,
     with a spool); build one yourself only for a provider you manage by hand.
 
+    ``tag_scopes=True`` makes it also copy the active scopes' tags onto each span as it starts (what
+    :class:`ScopeTagSpanProcessor` does), so one processor does both: the provider calls every processor
+    three times per span, and ``init()`` builds it so.
+
     >>> from opentelemetry.sdk.trace import TracerProvider
     >>> from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     >>> provider = TracerProvider()
@@ -104,6 +110,7 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         export_timeout: float | None = None,
         durable: bool = False,
         give_up_after: float | None = None,
+        tag_scopes: bool = False,
     ) -> None:
         if span_exporter is not None and exporter is not None and span_exporter is not exporter:
             raise ValueError("CtxpropSpanProcessor needs exactly one of span_exporter (exporter=) or sender=")
@@ -118,9 +125,10 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
         )
         self._exporter = exporter
         self._sender = sender
+        self._tag_scopes = tag_scopes
         # ctxprop's OTLP path queues snapshots (taken by the thread that ended the span, written a batch
         # at once by the export thread: see _encoding.record); a custom exporter is given the spans.
-        self._record: Callable[[ReadableSpan], Queued] | None = None
+        self._record: Callable[[ReadableSpan], Queued | None] | None = None
         if sender is not None:
             _encoding.prepare()
             self._record = _encoding.record
@@ -260,17 +268,27 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
 
     # -- the application thread ------------------------------------------------------------------------
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        return
+        # The scope tags, when this processor was made with tag_scopes=True (init() makes it so): one
+        # processor instead of two saves the provider three Python-level calls per span.
+        if self._tag_scopes and (ISOLATION.get()._tags or CURRENT.get()._tags):
+            tag_span(span)
 
     def on_end(self, span: ReadableSpan) -> None:
-        if not span.context.trace_flags.sampled:
-            return
+        record = self._record
+        if record is None:
+            if not span.context.trace_flags.sampled:
+                return
+            item: Queued = span
+        else:
+            queued = record(span)  # None: not sampled
+            if queued is None:
+                return
+            item = queued
         q = self._queue
         if len(q) >= self._limit:
             self._drop_on_end()
             return
-        record = self._record
-        q.append(span if record is None else record(span))
+        q.append(item)
         if not self._running:
             self._start_worker()
         elif len(q) >= self._batch_size:

@@ -8,7 +8,23 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from ctxprop import _stats
 from ctxprop._scopes import active_tags
 
-__all__ = ["ScopeTagSpanProcessor"]
+__all__ = ["ScopeTagSpanProcessor", "tag_span"]
+
+
+def tag_span(span: Span) -> None:
+    """Copy the active scopes' tags onto a span that is starting (never raises: a failure is counted)."""
+    tags = active_tags()
+    if not tags:
+        return
+    try:
+        explicit = span.attributes
+        if explicit:
+            # Attributes given to start_span() are about this span in particular: they win over
+            # the scope's tags of the same name.
+            tags = {k: v for k, v in tags.items() if k not in explicit}
+        span.set_attributes(tags)
+    except Exception:  # noqa: BLE001 - span start is on the application's path: never raise there
+        _stats.incr("tagging_errors")
 
 
 class ScopeTagSpanProcessor(SpanProcessor):
@@ -26,18 +42,7 @@ class ScopeTagSpanProcessor(SpanProcessor):
     """
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        tags = active_tags()
-        if not tags:
-            return
-        try:
-            explicit = span.attributes
-            if explicit:
-                # Attributes given to start_span() are about this span in particular: they win over
-                # the scope's tags of the same name.
-                tags = {k: v for k, v in tags.items() if k not in explicit}
-            span.set_attributes(tags)
-        except Exception:  # noqa: BLE001 - span start is on the application's path: never raise there
-            _stats.incr("tagging_errors")
+        tag_span(span)
 
     def on_end(self, span: ReadableSpan) -> None:
         pass

@@ -183,6 +183,7 @@ def assert_books_balance(stats: dict[str, int], *, ended: int | None = None) -> 
     """The books balance: ``spans_ended`` = exported + rejected + dropped + pending, ``spans_dropped`` is the
     sum of the per-reason ``dropped_*`` keys (and a memory-only spool's losses), and (given ``ended``) that
     many spans ended."""
+
     def get(key: str) -> int:
         return int(stats.get(key, 0))
 
@@ -196,14 +197,19 @@ def assert_books_balance(stats: dict[str, int], *, ended: int | None = None) -> 
         assert get("spans_ended") == ended, stats
 
 
-def ended(span: Any) -> Any:
+def ended(span: Any, sampled: bool = True) -> Any:
     """``span`` as the SDK's ``Span.end()`` hands it to ``on_end``: a ``ReadableSpan`` whose attributes are
     a ``BoundedAttributes`` and whose events and links are ``BoundedList`` s, with the span's dropped
-    counts. Built through their public constructors, so the attributes are cleaned as the SDK cleans them
-    (an empty key is dropped, a list becomes a tuple): what ctxprop's processor is really given."""
+    counts, and its context sampled (or not). Built through their public constructors, so the attributes
+    are cleaned as the SDK cleans them (an empty key is dropped, a list becomes a tuple): what ctxprop's
+    processor is really given."""
     from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.util import BoundedList
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    ctx = span.context
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
 
     attributes = BoundedAttributes(None, span.attributes)
     attributes.dropped = span.dropped_attributes
@@ -213,7 +219,7 @@ def ended(span: Any) -> Any:
     links.dropped = span.dropped_links
     return ReadableSpan(
         name=span.name,
-        context=span.context,
+        context=SpanContext(ctx.trace_id, ctx.span_id, ctx.is_remote, flags, ctx.trace_state),
         parent=span.parent,
         resource=span.resource,
         attributes=attributes,

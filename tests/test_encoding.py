@@ -187,8 +187,8 @@ def test_a_queued_snapshot_gives_the_collector_one_object_to_follow() -> None:
     resource, the scope) every span of the tracer shares, and the ids, times, name and attribute keys and
     values are atoms. The ReadableSpan the SDK hands on_end keeps far more (the control)."""
     _encoding.prepare()
-    s = _ended("op", {"i": 1 << 40, "f": 0.5, "route": "/a", "ok": True})
-    other = _encoding.record(_ended("other", {"i": 2}))
+    s, o = _ended_all(("op", {"i": 1 << 40, "f": 0.5, "route": "/a", "ok": True}), ("other", {"i": 2}))
+    other = _encoding.record(o)
     snap = _encoding.record(s)
     assert snap.__class__ is tuple
     gc.collect()
@@ -238,15 +238,23 @@ class _Keep(SpanProcessor):
         self.spans.append(span)
 
 
-_KEEP = _Keep()
-_PROVIDER = TracerProvider(resource=Resource({"service.name": "records"}), shutdown_on_exit=False)
-_PROVIDER.add_span_processor(_KEEP)
+_RESOURCE = Resource({"service.name": "records"})
+
+
+def _ended_all(*spans: tuple[str, dict[str, Any]]) -> list[ReadableSpan]:
+    """Spans (name, attributes) as the SDK's Span.end() hands them to on_end, from one real tracer."""
+    keep = _Keep()
+    provider = TracerProvider(resource=_RESOURCE, shutdown_on_exit=False)
+    provider.add_span_processor(keep)
+    tracer = provider.get_tracer("records")
+    for name, attributes in spans:
+        tracer.start_span(name, attributes=attributes).end()
+    return keep.spans
 
 
 def _ended(name: str, attributes: dict[str, Any]) -> ReadableSpan:
-    """A span as the SDK's Span.end() hands it to on_end, from a real provider."""
-    _PROVIDER.get_tracer("records").start_span(name, attributes=attributes).end()
-    return _KEEP.spans.pop()
+    """One span as the SDK's Span.end() hands it to on_end."""
+    return _ended_all((name, attributes))[0]
 
 
 def _span(name: str, attributes: dict[str, Any]) -> ReadableSpan:

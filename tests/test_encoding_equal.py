@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvi
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from support import ended
 
 from ctxprop import _encoding, _otlp_wire
@@ -37,13 +37,16 @@ from ctxprop._encoding import encode_fast, encode_official
 I64_MAX = (1 << 63) - 1
 I64_MIN = -(1 << 63)
 RESOURCE = Resource({"service.name": "svc", "host": "h\u00e9"})
+SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 SCOPE = InstrumentationScope("lib", "1.0")
 
 
 def span(**kw: Any) -> ReadableSpan:
     """A finished span with sensible defaults, any field overridable."""
     kw.setdefault("name", "op")
-    kw.setdefault("context", SpanContext(0x0123456789ABCDEF0123456789ABCDEF, 0x1122334455667788, False))
+    kw.setdefault(
+        "context", SpanContext(0x0123456789ABCDEF0123456789ABCDEF, 0x1122334455667788, False, SAMPLED)
+    )
     kw.setdefault("resource", RESOURCE)
     kw.setdefault("instrumentation_scope", SCOPE)
     kw.setdefault("start_time", 1_700_000_000_000_000_000)
@@ -592,7 +595,9 @@ def test_spans_not_kept_as_the_sdk_keeps_them_are_queued_as_themselves() -> None
     span class is queued as itself and written from its public properties; its batch is still equal."""
     _encoding.prepare()
     by_hand = span(attributes=dict(ORDINARY), events=[Event("e", timestamp=1)])
-    sub = _OwnEvents(name="own", context=SpanContext(1, 2, False), resource=RESOURCE, events=[], links=[])
+    sub = _OwnEvents(
+        name="own", context=SpanContext(1, 2, False, SAMPLED), resource=RESOURCE, events=[], links=[]
+    )
     for s in (by_hand, sub):
         assert _encoding.record(s) is s
     batch = [ended(span()), by_hand, sub, ended(span(name="z"))]

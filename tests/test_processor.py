@@ -358,3 +358,53 @@ def test_flush_timing_out_under_a_slow_request_does_not_duplicate_it(
         names = sorted(s.name for s in rx.spans)
     assert names == sorted([f"slow{i}" for i in range(10)] + [f"queued{i}" for i in range(5)])
     assert not spool.has_pending()
+
+
+@pytest.mark.parametrize("otlp", [False, True], ids=["exporter", "otlp sender"])
+def test_tag_scopes_makes_one_processor_do_the_scope_tagging_too(otlp: bool, receiver: OTLPReceiver) -> None:
+    """tag_scopes=True: the processor copies the active scopes' tags onto each span as it starts (the
+    explicit attributes winning), as ScopeTagSpanProcessor does; without it, it tags nothing. Unsampled
+    spans are not queued either way. init() builds its processor so, and adds no second one."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    import ctxprop
+
+    class RecordOnly(Sampler):
+        """Spans are recorded (on_end sees them) but not sampled: nothing is exported for them."""
+
+        def should_sample(self, *args: object, **kw: object) -> SamplingResult:
+            return SamplingResult(Decision.RECORD_ONLY)
+
+        def get_description(self) -> str:
+            return "record only"
+
+    for tag_scopes in (True, False):
+        exporter = InMemorySpanExporter()
+        kw: dict[str, object] = {"sender": OTLPSender(receiver.endpoint)} if otlp else {"exporter": exporter}
+        proc = CtxpropSpanProcessor(**kw, tag_scopes=tag_scopes)  # type: ignore[arg-type]
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(proc)
+        with ctxprop.isolation_scope() as iso, ctxprop.new_scope() as cur:
+            iso.set_tag("tenant", "acme")
+            cur.set_tag("route", "/r")
+            provider.get_tracer("t").start_span(f"tagged={tag_scopes}", attributes={"route": "/own"}).end()
+        assert proc.force_flush(10_000)
+        if otlp:
+            assert receiver.wait_for_spans(1, 5)
+            got = dict(receiver.spans[-1].attributes)
+        else:
+            got = dict(exporter.get_finished_spans()[-1].attributes or {})
+        assert got == ({"tenant": "acme", "route": "/own"} if tag_scopes else {"route": "/own"})
+        unsampled = TracerProvider(sampler=RecordOnly(), shutdown_on_exit=False)
+        unsampled.add_span_processor(proc)
+        unsampled.get_tracer("t").start_span("not sampled").end()
+        assert proc.queue_length == 0
+        provider.shutdown()
+    ctxprop.init(exporter=InMemorySpanExporter(), handle_signals=False)
+    try:
+        installed = ctxprop._pipeline._provider._active_span_processor._span_processors  # type: ignore[attr-defined, union-attr]
+        assert [type(p) for p in installed] == [CtxpropSpanProcessor]
+        assert installed[0]._tag_scopes
+    finally:
+        ctxprop.close(5)
