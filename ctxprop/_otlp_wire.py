@@ -3,7 +3,12 @@
 Each span becomes the bytes of one ``Span`` message, fields in field-number order as protobuf writes them
 (so the bytes equal the official encoder's, not only the decoded message). What repeats is cached: the
 encoded resource and scope of each group (taken from the official encoder itself, once per object), the
-key fields of attribute names, and whole key/value pairs for short strings, ints and bools.
+key fields of attribute names, whole key/value pairs for short strings, small ints and bools, the heads of
+int and float pairs per key, and span names.
+
+A span the SDK ended is queued as a :func:`snapshot` (a flat tuple of its parts, taken without a check
+or a Python-level property call by the thread that ended it) and written by :func:`snapshot_field`, the
+one writer; :func:`span_field` writes any other span by reading it into the same layout.
 
 A span this encoder cannot write exactly raises (:class:`Unsupported` for a type it leaves to the
 official encoder: a mapping, ``None``, an int subclass, an out-of-range number...; ``UnicodeEncodeError``
@@ -243,7 +248,7 @@ def _int_pair(key: str, value: int) -> bytes:
 
 def _attributes(attributes: Mapping[str, Any] | None, tag: bytes, out: list[bytes]) -> None:
     if attributes:
-        d = dict(_items(attributes))
+        d = _plain(attributes)
         _attribute_items((*d, *d.values()), 0, len(d), tag, out)
 
 
@@ -302,20 +307,23 @@ _STATUS = {
 
 def span_field(span: ReadableSpan) -> bytes:
     """One span as a ``ScopeSpans.spans`` field (tag, length, ``Span`` message), read through the span's
-    public properties (into the layout of a snapshot, which :func:`snapshot_field` writes)."""
+    public properties into the layout of a snapshot, which :func:`snapshot_field` writes. Its contexts
+    are read as the tuples they are (a ``SpanContext``'s properties are Python-level calls): calibrate()
+    compares this function's bytes with the official encoder's, remote and local parents and trace_states
+    included, and leaves every span to the official encoder if they differ."""
     attributes = span.attributes
-    d = dict(_items(attributes)) if attributes else {}
+    d = _plain(attributes) if attributes else {}
+    ctx: Any = span.context
+    parent: Any = span.parent
     # The events and links properties copy the span's bounded lists under their locks (about a
     # microsecond each); most spans have neither, which their lengths tell without a copy.
-    ctx = span.context
-    parent = span.parent
     return snapshot_field(
         (
-            ctx.trace_id,
-            ctx.span_id,
-            ctx.trace_state,
-            parent.span_id if parent else None,
-            bool(parent and parent.is_remote),
+            ctx[0],
+            ctx[1],
+            ctx[4],
+            parent[1] if parent else None,
+            bool(parent and parent[2]),
             span.name,
             span.kind,
             span.start_time,
@@ -334,13 +342,13 @@ def span_field(span: ReadableSpan) -> bytes:
     )
 
 
-def _items(attributes: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+def _plain(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
+    # A plain dict: iterating the span's read-only view of its BoundedAttributes goes through Mapping's
+    # Python-level __iter__/__getitem__, several times slower than its copy() (a dict).
     try:
-        # A plain dict's items: iterating the span's read-only view of its BoundedAttributes goes through
-        # Mapping's Python-level __iter__/__getitem__, several times slower than its copy() (a dict).
-        return attributes.copy().items()  # type: ignore[attr-defined, no-any-return]
+        return attributes.copy()  # type: ignore[attr-defined, no-any-return]
     except AttributeError:
-        return attributes.items()
+        return dict(attributes)
 
 
 def _time_fields(start: Any, end: Any) -> bytes:
@@ -462,10 +470,9 @@ def snapshot_field(snap: Snapshot) -> bytes:
 
     Raises :class:`Unsupported` for what only the official encoder writes exactly, and ``struct.error``,
     ``KeyError`` or ``UnicodeEncodeError`` for what cannot be written (the caller then falls back on the
-    official encoder, with :func:`snapshot_span`). The contexts are read as the tuples they are (their
-    public properties are Python-level calls); :func:`calibrate` compares the result with the official
-    encoder's bytes on spans of every shape, remote and local parents and trace_states included, and
-    leaves every span to the official encoder if they differ. The common cases are written inline: on
+    official encoder, with :func:`snapshot_span`). :func:`calibrate` compares the result with the
+    official encoder's bytes on spans of every shape, remote and local parents and trace_states included,
+    and leaves every span to the official encoder if they differ. The common cases are written inline: on
     3.11 each function call costs as much as a field.
     """
     trace_id = snap[0]
