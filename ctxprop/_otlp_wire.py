@@ -46,7 +46,6 @@ __all__ = [
     "calibrate",
     "length_delimited",
     "official_span_field",
-    "ready",
     "resource_parts",
     "scope_parts",
     "snapshot",
@@ -352,11 +351,17 @@ def _plain(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _time_fields(start: Any, end: Any) -> bytes:
-    """Start and end time (fields 7 and 8, fixed64), each left out when 0; ``struct.error`` for a time
-    that is not an int in range."""
-    if start and end:
-        return _times(0x39, start, 0x41, end)
-    return (b"\x39" + _fixed64(start) if start else b"") + (b"\x41" + _fixed64(end) if end else b"")
+    """Start and end time (fields 7 and 8, fixed64), each left out when 0 or None; :class:`Unsupported`
+    for a bool, ``struct.error`` for a time that is not an int in range."""
+    return _time(b"\x39", start) + _time(b"\x41", end)
+
+
+def _time(tag: bytes, value: Any) -> bytes:
+    """One fixed64 time field, left out when 0 or None. The official encoder refuses a bool where an int
+    belongs (``struct`` would take it as 0 or 1), so this does too."""
+    if value.__class__ is bool:
+        raise Unsupported
+    return tag + _fixed64(value) if value else b""
 
 
 # The last status written and its field: most spans share one Status object (the SDK's default UNSET),
@@ -366,12 +371,10 @@ _last_status: tuple[Any, bytes] = (None, b"")
 
 
 def _status_field(status: Any) -> bytes:
-    """The status field (nothing without a status); ``KeyError`` for an unknown code, :class:`Unsupported`
-    for a description that is not text, ``UnicodeEncodeError`` for a lone surrogate in it."""
+    """The status field (nothing without a status), remembered as the last one written (the caller looks
+    there first); ``KeyError`` for an unknown code, :class:`Unsupported` for a description that is not
+    text, ``UnicodeEncodeError`` for a lone surrogate in it."""
     global _last_status  # noqa: PLW0603
-    last = _last_status
-    if status is last[0]:
-        return last[1]
     if status is None:
         return b""
     code, description = status.status_code, status.description
@@ -489,7 +492,10 @@ def snapshot_field(snap: Snapshot) -> bytes:
         out.append(_names.get(name) or _name_field(name))
     out.append(_KIND[id(snap[6])])
     start, end = snap[7], snap[8]
-    out.append(_times(0x39, start, 0x41, end) if start and end else _time_fields(start, end))
+    if start and end and start.__class__ is int and end.__class__ is int:
+        out.append(_times(0x39, start, 0x41, end))
+    else:
+        out.append(_time_fields(start, end))
     n = len(snap) - _FIXED
     if n:
         _attribute_items(snap, _FIXED, n >> 1, b"\x4a", out)
@@ -568,8 +574,7 @@ def _status(code: int, description: str) -> bytes:
 def _events(events: Iterable[Any], out: list[bytes]) -> None:
     for event in events:
         ev: list[bytes] = []
-        if event.timestamp:
-            ev.append(b"\x09" + _fixed64(event.timestamp))
+        ev.append(_time(b"\x09", event.timestamp))
         if event.name:
             ev.append(_string(b"\x12", event.name))
         _attributes(event.attributes, b"\x1a", ev)
@@ -736,11 +741,6 @@ def snapshots_match(span_class: type, attributes: Mapping[str, Any]) -> bool:
 
 def _flags_field(tag: bytes, value: int) -> bytes:
     return tag + struct.pack("<I", value) if value else b""
-
-
-def ready() -> bool:
-    """Calibrated and usable; never calibrates (for the application's threads, in ``on_end``)."""
-    return _calibrated and _features.usable
 
 
 def calibrate() -> bool:

@@ -377,10 +377,23 @@ def test_fallback_span_is_spliced_into_its_group() -> None:
         {"events": [Event("bad\udc00", timestamp=1)]},
         {"status": Status(StatusCode.ERROR, "bad\ud800")},
         {"start_time": -1},
+        {"start_time": True},
+        {"end_time": True},
+        {"events": [Event("e", timestamp=True)]},
         {"context": SpanContext(1 << 130, 1, False)},
         {"instrumentation_scope": InstrumentationScope("bad\ud800")},
     ],
-    ids=["name", "event name", "status description", "negative time", "trace id too big", "scope name"],
+    ids=[
+        "name",
+        "event name",
+        "status description",
+        "negative time",
+        "bool start time",
+        "bool end time",
+        "bool event time",
+        "trace id too big",
+        "scope name",
+    ],
 )
 def test_unencodable_span_is_dropped_alone_by_both(bad: dict[str, Any]) -> None:
     """A span neither encoder can write is left out alone, the same by both; the rest equal."""
@@ -569,6 +582,7 @@ ORDINARY = {"route": "/items/{id}", "n": 7, "big": I64_MIN, "ratio": 0.25, "ok":
         ("a lone surrogate in the name", {"name": "x\ud800"}),
         ("a lone surrogate in the status", {"status": Status(StatusCode.ERROR, "x\ud800")}),
         ("a float start time", {"start_time": 1.5}),
+        ("a bool end time", {"end_time": True}),
         ("a trace id past 128 bits", {"context": SpanContext(1 << 130, 1, False)}),
     ],
 )
