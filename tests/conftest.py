@@ -3,12 +3,26 @@ directory of its own."""
 
 from __future__ import annotations
 
+import os
+import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ctxprop import _pipeline, _scopes, _stats
+
+#: A free-threaded CPython crashes when one thread reads the frames of another that ``sys._current_frames()``
+#: returned (python/cpython#152355: a use-after-free). Dask's statistical profiler does exactly that, every
+#: 10 ms, in every scheduler and worker process, so on these builds it is switched off for the whole run,
+#: child processes included (they inherit the environment). ctxprop itself never reads another thread's
+#: frames. The README says the same to users.
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+if FREE_THREADED:
+    os.environ["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"
+    if "dask.config" in sys.modules:  # imported before this file: read the environment again
+        sys.modules["dask.config"].refresh()
 
 
 @pytest.fixture(autouse=True)

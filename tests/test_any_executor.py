@@ -62,6 +62,18 @@ def blocked(event: Any) -> str:
     return "released"
 
 
+def worker_client_ready() -> str:
+    """Makes the worker's own Dask client (a ``distributed.Event`` waits through it) and names the worker."""
+    distributed.get_client()
+    return str(distributed.get_worker().address)
+
+
+def profiler_enabled() -> bool:
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
 # --- fixtures ----------------------------------------------------------------------------------------------
 
 
@@ -74,6 +86,12 @@ def dask_client() -> Iterator[Any]:
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
+        # Each worker makes its own client the first time a task needs one, and two tasks needing it at
+        # once can read the scheduler's handshake reply batched with the next message (Dask asserts and
+        # the task fails, with or without ctxprop). Make them here, once, one task pinned to each worker.
+        workers = sorted(client.scheduler_info()["workers"])
+        ready = [client.submit(worker_client_ready, workers=[w], pure=False) for w in workers]
+        assert sorted(f.result(timeout=60) for f in ready) == workers
         yield client
 
 
@@ -447,6 +465,20 @@ def test_with_the_worker_plugin_spans_go_out_through_the_workers_pipeline(
     assert len(home) == 1
     assert home[0].parent is not None
     assert home[0].parent.span_id == after.get_span_context().span_id
+
+
+def test_dask_profiler_is_off_on_free_threaded_builds(dask_client: Any) -> None:
+    """Dask's profiler reads another thread's frames, which crashes a free-threaded interpreter
+    (python/cpython#152355); conftest switches it off there, in this process and in every worker."""
+    import dask
+    from conftest import FREE_THREADED
+
+    on_workers = set(dask_client.run(profiler_enabled).values())
+    if FREE_THREADED:
+        assert on_workers == {False}
+        assert dask.config.get("distributed.worker.profile.enabled") is False
+    else:
+        assert on_workers == {True}  # untouched where it is safe
 
 
 # --- executors ctxprop knows nothing about ------------------------------------------------------------------
