@@ -320,7 +320,8 @@ class CtxpropSpanProcessor(SpanProcessor, Ledger):
             try:
                 t.start()
             except RuntimeError:
-                # No new thread now: interpreter shutdown (3.12+ refuses threads in atexit handlers) or a
+                # No new thread now: interpreter shutdown (3.12.0-3.12.2 refuse threads in atexit handlers,
+                # python/cpython#113964; later finalization refuses them everywhere) or a
                 # thread limit. flush()/close() then export in the calling thread; a later span retries.
                 self._running = False
                 self._start_retry_at = time.monotonic() + 1.0
