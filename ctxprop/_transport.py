@@ -43,6 +43,7 @@ from typing import Any
 from opentelemetry.sdk.resources import Resource
 
 from ctxprop._config import _check_header_value, redact_url
+from ctxprop._resolver import Resolver, connect
 
 __all__ = [
     "OK",
@@ -280,9 +281,9 @@ class OTLPSender:
     """Sends encoded payloads to one OTLP/HTTP traces endpoint over keep-alive connections.
 
     ``sender(payload, timeout)`` makes one attempt (plus one immediate retry of a stale pooled
-    connection, within the same timeout), never takes longer than ``timeout`` (every connect, send and
-    read waits at most until the request's deadline; name resolution excepted), and returns a
-    :class:`SendOutcome`; it never raises. TLS settings come from
+    connection, within the same timeout), never takes longer than ``timeout`` (the name's lookup and
+    every connect, send and read wait at most until the request's deadline: see ``_resolver``), and
+    returns a :class:`SendOutcome`; it never raises. TLS settings come from
     ``OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`` / ``..._CLIENT_KEY`` / ``..._CLIENT_CERTIFICATE`` (or the
     ``OTEL_EXPORTER_OTLP_*`` ones), as with the official exporter; without a certificate, the CA bundle
     is ``REQUESTS_CA_BUNDLE``, else certifi's, as ``requests`` verifies. Proxies (``http://`` ones; any
@@ -312,6 +313,7 @@ class OTLPSender:
         self._cert: Any = (cert, key) if cert and key else cert
         self._proxies, self._verify, self._auth = _from_environment(endpoint, self._verify)
         self._route = _route(endpoint, self._proxies)
+        self._resolver = Resolver(*self._route.connect)
         hdrs = {
             "host": _host_port(self._route.host, self._route.port, 443 if self._route.tls else 80),
             "user-agent": _user_agent(),
@@ -349,6 +351,7 @@ class OTLPSender:
         """In a forked child: no pooled connection (the parent's sockets are its own)."""
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._resolver.reset_after_fork()
         _close_all(self._idle)  # this process's copies of the descriptors; the parent's connections live on
 
     def _compress(self, payload: bytes) -> bytes:
@@ -405,7 +408,7 @@ class OTLPSender:
 
     def _open(self, deadline: _Deadline) -> socket.socket:
         route = self._route
-        sock = socket.create_connection(route.connect, timeout=deadline.remaining())
+        sock = connect(self._resolver, deadline.at)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if route.tunnel:

@@ -15,7 +15,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,9 @@ def run_child(
     timeout: float = 60,
     signal_after_line: str | None = None,
     sig: int | None = None,
+    prefix: Sequence[str] = (),
 ) -> ChildResult:
-    """Run ``code`` (dedented) as ``[sys.executable, script]`` and collect its output.
+    """Run ``code`` (dedented) as ``[*prefix, sys.executable, script]`` and collect its output.
 
     With ``signal_after_line``, ``sig`` (default SIGTERM) is sent once a stdout line containing that text
     was printed. On ``timeout`` the child is killed and the test fails with its output.
@@ -118,7 +119,7 @@ def run_child(
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [sys.executable, path],
+            [*prefix, sys.executable, path],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=child_env(env),
