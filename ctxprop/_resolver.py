@@ -15,7 +15,8 @@ a resolver that is down must not stop delivery to it). Each address is then trie
 what is left of the deadline, so a black-holed one cannot take the time of those after it.
 
 IP literals are never looked up. When no thread can start (a thread limit, or interpreter shutdown on
-Python 3.12.0-3.12.2), the lookup runs in the calling thread: the one wait here without a deadline.
+Python 3.12.0-3.12.2), a stale answer is used as it is; with none, the lookup runs in the calling thread:
+the one wait here without a deadline.
 
 >>> r = Resolver("127.0.0.1", 9)
 >>> [info[4] for info in r.addresses(time.monotonic() + 1)]
@@ -92,7 +93,7 @@ class Resolver:
             else:
                 start = False
         if start:
-            self._start(lookup)
+            self._start(lookup, inline=answer is None)
         if answer is not None:
             return answer  # stale, while the lookup runs: the collector has most likely not moved
         if not lookup.done.wait(max(0.0, deadline - time.monotonic())):
@@ -103,14 +104,22 @@ class Resolver:
             raise lookup.error or OSError(f"cannot resolve {self.host!r}")
         return lookup.result
 
-    def _start(self, lookup: _Lookup) -> None:
+    def _start(self, lookup: _Lookup, *, inline: bool) -> None:
         thread = threading.Thread(target=self._run, args=(lookup,), name="ctxprop-resolver", daemon=True)
         lookup.thread = thread
         try:
             thread.start()
         except RuntimeError:
+            # No thread can start now. With no answer at all, resolve here (see the module's docstring);
+            # with a stale one, keep using it and try again on the next request.
             lookup.thread = None
-            self._run(lookup)  # no thread can start now: resolve here (see the module's docstring)
+            if inline:
+                self._run(lookup)
+            else:
+                with self._lock:
+                    if self._lookup is lookup:
+                        self._lookup = None
+                lookup.done.set()
 
     def _run(self, lookup: _Lookup) -> None:
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import dnskit
 import pytest
+import threadlimit
 from support import REPO, ChildResult, OTLPReceiver, run_child
 
 from ctxprop._spool import Spool
@@ -255,3 +256,51 @@ out(before=before, child_ok=answer == b"1")
         assert res.json_lines[-1] == {"before": False, "child_ok": True}, res.json_lines
         assert rx.wait_for_spans(1, timeout=10)
         assert [s.name for s in rx.spans] == ["from-the-child"]
+
+
+@pytest.mark.skipif(threadlimit.unavailable() is not None, reason=str(threadlimit.unavailable()))
+def test_where_no_thread_can_start_a_stale_answer_serves_and_a_first_lookup_runs_inline(
+    tmp_path: Path,
+) -> None:
+    """Under a real thread limit: a stale answer is used at once (no lookup in the calling thread, which
+    a silent resolver would hold for 3 s); with no answer at all, the name is looked up inline."""
+    with OTLPReceiver() as rx, threadlimit.cgroup() as limit:
+        res = _run(
+            tmp_path,
+            threadlimit.LIMIT_THREADS
+            + """
+import threading
+from ctxprop._resolver import Resolver
+from ctxprop._transport import OTLPSender
+port = int(os.environ["PORT"])
+dns = DNSServer(os.environ["DNS_HOST"], ["127.0.0.1"])
+sender = OTLPSender(f"http://{NAME}:{port}/v1/traces")
+first = sender(payload("first"), 5.0).ok
+body = payload("stale")  # (the SDK's resource detection starts threads: before the limit)
+sender._resolver.forget()
+sender.close()
+limit_threads()
+try:
+    threading.Thread(target=lambda: None).start()
+    control = "started"
+except RuntimeError as exc:
+    control = str(exc)
+dns.silent = True
+asked = len(dns.queries)
+o, took = timed(sender, body, 5.0)
+stale = [o.ok, took < 1.0, len(dns.queries) - asked]
+dns.silent = False
+fresh, _ = timed(Resolver(NAME, port).addresses, time.monotonic() + 5.0)
+out(first=first, control=control, stale=stale, fresh=[info[4][0] for info in fresh])
+""",
+            env={"PORT": str(rx.port), **limit},
+        )
+        assert res.returncode == 0, res.stderr
+        assert res.json_lines[-1] == {
+            "first": True,
+            "control": "can't start new thread",
+            "stale": [True, True, 0],
+            "fresh": ["127.0.0.1"],
+        }, res.json_lines
+        assert rx.wait_for_spans(2, timeout=10)
+        assert sorted(s.name for s in rx.spans) == ["first", "stale"]
