@@ -58,3 +58,46 @@ def test_spans_ending_where_no_thread_can_start_are_delivered_by_close_in_the_ca
     assert stats["spans_exported"] == 50, stats
     assert res.last("close_s") < 5.0
     assert_books_balance(stats, ended=50)
+
+
+CUSTOM = (
+    """
+import json, os, threading
+import ctxprop
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+"""
+    + threadlimit.LIMIT_THREADS
+    + """
+class Collecting(SpanExporter):
+    def __init__(self):
+        self.names, self.threads = [], set()
+    def export(self, spans):
+        self.names.extend(s.name for s in spans)
+        self.threads.add(threading.current_thread().name)
+        return SpanExportResult.SUCCESS
+
+exporter = Collecting()
+ctxprop.init(exporter=exporter, close_timeout=5.0, schedule_delay=60, handle_signals=False)
+limit_threads()
+for i in range(30):
+    trace.get_tracer("limited").start_span(f"c-{i}").end()
+ctxprop.close()
+print(json.dumps({"names": sorted(exporter.names), "threads": sorted(exporter.threads),
+                  "stats": ctxprop.stats()}), flush=True)
+"""
+)
+
+
+def test_a_custom_exporter_gets_the_spans_inline_from_close_where_no_thread_can_start(tmp_path: Path) -> None:
+    """The same with a custom exporter: ``close()`` calls its ``export()`` in the main thread, each span
+    once, and the books balance. (There it has no deadline of ctxprop's: see the README.)"""
+    with threadlimit.cgroup() as env:
+        env.update({"CTXPROP_SPOOL_DIR": str(tmp_path / "spool"), "PYTHONPATH": str(REPO)})
+        res = run_child(CUSTOM, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert res.last("names") == sorted(f"c-{i}" for i in range(30))
+    assert res.last("threads") == ["MainThread"]
+    assert_books_balance(res.last("stats"), ended=30)
+    assert res.last("stats")["spans_exported"] == 30
