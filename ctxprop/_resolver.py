@@ -3,13 +3,13 @@
 ``socket.create_connection(address, timeout)`` bounds neither of its two waits by ``timeout``:
 ``getaddrinfo`` blocks as long as the system resolver likes (with glibc's defaults, 10 s per nameserver
 that does not answer, whatever the caller's deadline), and each address it returns is then given the
-whole timeout again, so a host with a black-holed first address takes twice the deadline. A flush at
-SIGTERM would wait out both, and the process manager's SIGKILL would then take every span the spool
-could still have kept.
+whole timeout again, so a black-holed first address (a broken IPv6 route, say) uses up the deadline and
+the request fails though the next address answers. The export thread sat in such a request far past its
+timeout, retries and later batches behind it; where no thread can start, ``close()`` itself would wait.
 
 So the collector's name is resolved here on a short-lived helper thread, and the caller waits for it at
 most until the request's deadline; a late answer still lands in the cache for the next request. An answer
-is kept for ``ttl`` seconds; after that, and after every failure to connect to all its addresses, the
+is kept for ``TTL`` seconds; after that, and after every failure to connect to all its addresses, the
 name is looked up again, but the stale answer is used meanwhile (the collector usually did not move, and
 a resolver that is down must not stop delivery to it). Each address is then tried with an equal share of
 what is left of the deadline, so a black-holed one cannot take the time of those after it.
@@ -52,12 +52,11 @@ class _Lookup:
 
 
 class Resolver:
-    """The addresses of one host and port, looked up within a deadline and cached for ``ttl`` seconds."""
+    """The addresses of one host and port, looked up within a deadline and cached for ``TTL`` seconds."""
 
-    def __init__(self, host: str, port: int, *, ttl: float = TTL) -> None:
+    def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self.ttl = ttl
         self._fixed: list[_AddrInfo] | None = None
         if _is_literal(host):
             # Numeric: getaddrinfo answers at once, without asking any resolver.
@@ -116,25 +115,27 @@ class Resolver:
             if inline:
                 self._run(lookup)
             else:
-                with self._lock:
-                    if self._lookup is lookup:
-                        self._lookup = None
-                lookup.done.set()
+                self._finish(lookup, None, None)
 
     def _run(self, lookup: _Lookup) -> None:
+        error: OSError | None = None
         try:
             result: list[_AddrInfo] | None = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
         except OSError as exc:
-            result, lookup.error = None, exc
+            result, error = None, exc
         except Exception as exc:  # noqa: BLE001 - a helper thread must not die noisily (UnicodeError, ...)
-            result, lookup.error = None, OSError(f"cannot resolve {self.host!r}: {exc!r}")
+            result, error = None, OSError(f"cannot resolve {self.host!r}: {exc!r}")
+        self._finish(lookup, result or None, error)
+
+    def _finish(self, lookup: _Lookup, result: list[_AddrInfo] | None, error: OSError | None) -> None:
+        """End ``lookup``: keep its answer, if any, and wake whoever waits for it."""
         with self._lock:
-            if result:
+            if result is not None:
                 self._answer = result
-                self._expires = time.monotonic() + self.ttl
+                self._expires = time.monotonic() + TTL
             if self._lookup is lookup:
                 self._lookup = None
-        lookup.result = result or None
+        lookup.result, lookup.error = result, error
         lookup.done.set()
 
 
