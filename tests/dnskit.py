@@ -9,6 +9,7 @@ child sees the changed file. It needs root and ``unshare(1)``: ``unavailable()``
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -25,6 +26,7 @@ NAME = "collector.ctxprop.test"
 _A, _AAAA = 1, 28
 
 
+@functools.cache
 def unavailable() -> str | None:
     """Why a child cannot get a private resolv.conf here, or None."""
     if shutil.which("unshare") is None:

@@ -11,6 +11,7 @@ It needs a writable pids controller (cgroup v1 ``/sys/fs/cgroup/pids`` or v2 ``/
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ def _root() -> Path | None:
     return None
 
 
+@functools.cache
 def unavailable() -> str | None:
     """Why no pids cgroup can be made here, or None."""
     if _root() is None:
