@@ -8,12 +8,13 @@ built on the worker side, in ``run``, off the submitter's clock.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import Context, ContextVar, copy_context
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
@@ -51,6 +52,12 @@ class CaptureHook(Protocol, Generic[T]):
     def activate(self, state: T) -> None:
         """Called on the running side, inside the task's own context copy, before the task."""
         ...
+
+
+# A hook may also have ``scoped()``: a context manager that enters a fork of its state in the current
+# context for a block and restores it after (``@worker`` runs each call in one, beside ctxprop's own
+# forked scopes; the call runs in its caller's context, not a copy, so activate()'s plain set() would
+# outlive it). A hook without it is left alone there.
 
 
 class PortableCaptureHook(CaptureHook[T], Protocol):
@@ -111,6 +118,27 @@ def unregister_capture_hook(hook: CaptureHook[Any]) -> None:
     with _hooks_lock:
         _hooks = tuple(h for h in _hooks if h is not hook)
         _portable = tuple(p for p in _portable if p[0] is not hook)
+
+
+@contextlib.contextmanager
+def _hooks_scoped(hooks: tuple[CaptureHook[Any], ...]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for hook in hooks:
+            scoped = getattr(hook, "scoped", None)
+            if scoped is None:
+                continue
+            try:
+                stack.enter_context(scoped())
+            except Exception:  # noqa: BLE001 - a hook's fault must not fail the user's call
+                _stats.incr("capture_hook_errors")
+        yield
+
+
+def hooks_scoped() -> contextlib.AbstractContextManager[None]:
+    """Each registered hook's ``scoped()`` fork of its state, entered for a block (``@worker``'s calls);
+    nothing at all when no hook is registered."""
+    hooks = _hooks
+    return _hooks_scoped(hooks) if hooks else contextlib.nullcontext()
 
 
 def _activator_name(hook: Any) -> tuple[str, str] | None:

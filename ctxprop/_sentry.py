@@ -5,7 +5,8 @@ context copy would therefore hand a task the submitter's very scope objects: wha
 user, a breadcrumb) would land in the submitter's scope, and what the submitter sets after submitting
 would reach the task. So, when enabled, every :func:`ctxprop.capture` (and so every
 ``ContextAwareThreadPoolExecutor`` task, ``run_in_executor_with_context`` call, ``wrap`` and ``@worker``)
-forks both Sentry scopes at capture time, and every run of the snapshot enters its own fork of them.
+forks both Sentry scopes at capture time, and every run of the snapshot enters its own fork of them
+(each ``@worker`` call, which runs in its caller's context, enters Sentry's own ``isolation_scope()``).
 
 How it gets enabled (only then does capture pay anything; never is a Sentry fork done otherwise):
 
@@ -26,6 +27,7 @@ task. Without Sentry initialised in the worker, the data is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -72,6 +74,10 @@ class SentryScopesHook:
             _sentry_scope._isolation_scope.set(iso.fork())
         if cur is not None:
             _sentry_scope._current_scope.set(cur.fork())
+
+    def scoped(self) -> contextlib.AbstractContextManager[Any]:
+        # Sentry's own fork of both scopes for a block, restored after it (each @worker call).
+        return sentry_sdk.isolation_scope()
 
     def capture_portable(self) -> bytes | None:
         iso = _scope_data(_sentry_scope._isolation_scope.get(), 0)

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from opentelemetry import trace
 
-from ctxprop._capture import PROPAGATED
+from ctxprop._capture import PROPAGATED, hooks_scoped
 from ctxprop._scopes import AttrValue, isolation_scope
 
 __all__ = ["worker"]
@@ -96,8 +96,12 @@ def _decorate(
         @functools.wraps(fn)
         async def async_call(*args: Any, **kwargs: Any) -> Any:
             once.check()
-            # The span covers the whole await; both context managers act on this task's context.
-            with isolation_scope(), _tracer().start_as_current_span(span_name, attributes=attrs):
+            # The span covers the whole await; the context managers act on this task's context.
+            with (
+                isolation_scope(),
+                hooks_scoped(),
+                _tracer().start_as_current_span(span_name, attributes=attrs),
+            ):
                 return await afn(*args, **kwargs)
 
         return cast("Callable[P, R]", async_call)  # a string: 3.9 cannot subscript Callable with a ParamSpec
@@ -107,7 +111,11 @@ def _decorate(
         once.check()
         # start_as_current_span records the exception and sets status ERROR, then re-raises the same
         # object (a bare ``raise``), so the caller's traceback keeps the function's own frames.
-        with isolation_scope(), _tracer().start_as_current_span(span_name, attributes=attrs):
+        with (
+            isolation_scope(),
+            hooks_scoped(),  # a registered hook's own fork (Sentry's scopes), as ctxprop's are forked
+            _tracer().start_as_current_span(span_name, attributes=attrs),
+        ):
             return fn(*args, **kwargs)
 
     return call

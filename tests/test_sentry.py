@@ -222,6 +222,39 @@ def test_wrap_gives_each_run_its_own_scope(sentry: ListTransport) -> None:
     assert _tags(sentry.by_message("call 2")) == {"origin": "main", "call2": "yes"}
 
 
+def test_each_worker_call_runs_in_its_own_fork_of_sentrys_scopes(sentry: ListTransport) -> None:
+    """``@worker`` forks Sentry's scopes per call as it forks ctxprop's, sync and async, called directly
+    and on a plain pool's reused thread: a call sees its caller's tags, and what it sets (a tag, a user)
+    stays in that call, neither in the caller's scope nor in the next call."""
+
+    @ctxprop.worker
+    def job(n: int) -> None:
+        sentry_sdk.set_tag(f"call{n}", "yes")
+        sentry_sdk.set_user({"id": f"u{n}"})
+        sentry_sdk.capture_message(f"job {n}")
+
+    @ctxprop.worker
+    async def ajob(n: int) -> None:
+        await asyncio.sleep(0)
+        sentry_sdk.set_tag(f"call{n}", "yes")
+        sentry_sdk.capture_message(f"job {n}")
+
+    sentry_sdk.set_tag("origin", "main")
+    job(1)
+    job(2)
+    asyncio.run(ajob(3))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(ctxprop.wrap(job), 4).result(timeout=10)
+        pool.submit(ctxprop.wrap(job), 5).result(timeout=10)
+    for n in range(1, 6):
+        assert _tags(sentry.by_message(f"job {n}")) == {"origin": "main", f"call{n}": "yes"}
+    assert sentry.by_message("job 2")["user"] == {"id": "u2"}
+    sentry_sdk.capture_message("the caller, after")
+    after = sentry.by_message("the caller, after")
+    assert _tags(after) == {"origin": "main"}
+    assert "user" not in after
+
+
 def test_disabled_adapter_costs_capture_nothing(
     sentry: ListTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
