@@ -307,6 +307,70 @@ def test_refused_and_raising_batches_are_given_up_and_later_spans_still_export(
     assert_books_balance(stats, ended=30)
 
 
+# -- what each HTTP status means --------------------------------------------------------------------------
+
+
+def _through_a_pipeline(rx: OTLPReceiver, tmp_path: Path, n: int) -> tuple[CtxpropSpanProcessor, bool]:
+    """``n`` spans through a processor sending to ``rx`` with a spool; force_flush()'s answer."""
+    from ctxprop._spool import Spool
+    from ctxprop._transport import OTLPSender
+
+    proc = CtxpropSpanProcessor(
+        sender=OTLPSender(rx.endpoint), spool=Spool.open(tmp_path / "s"), max_export_batch_size=10
+    )
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(proc)
+    tracer = provider.get_tracer("t")
+    for i in range(n):
+        tracer.start_span(f"h{i}").end()
+    flushed = proc.force_flush(20000)
+    return proc, flushed
+
+
+def test_a_collector_refusing_for_good_gets_each_batch_once_and_its_spans_count_as_rejected(
+    tmp_path: Path,
+) -> None:
+    """HTTP 400: each batch is sent once (no retry, nothing to the spool), its spans count as
+    spans_rejected, and last_error names the status."""
+    from ctxprop._spool import Spool
+
+    with OTLPReceiver(mode="400") as rx:
+        proc, flushed = _through_a_pipeline(rx, tmp_path, 20)
+        requests = rx.requests
+        proc.shutdown()
+    stats = _stats.snapshot()
+    assert requests == 2  # two batches of 10, each once
+    assert stats["spans_rejected"] == 20, stats
+    assert stats.get("retried", 0) == 0, stats
+    assert stats.get("spans_exported", 0) == 0, stats
+    assert "HTTP 400" in proc.last_error
+    assert Spool.open(tmp_path / "s").status().spans == 0
+    assert flushed is True  # every batch settled: refused for good, nothing is left to wait for
+    assert_books_balance(stats, ended=20)
+
+
+@pytest.mark.parametrize("status", ["408", "502", "504", "429", "503"])
+def test_a_collector_asking_to_retry_gets_the_batch_again_and_it_is_delivered_once(
+    tmp_path: Path, status: str
+) -> None:
+    """408, 429, 502, 503, 504 (Retry-After: 0): the first answer refuses, the batch is retried and
+    delivered; its spans count as exported, each once, none as rejected."""
+    with OTLPReceiver() as rx:
+        rx.set_mode(status, retry_after=0, times=1)
+        proc, flushed = _through_a_pipeline(rx, tmp_path, 10)
+        proc.shutdown()
+        names = sorted(s.name for s in rx.spans)
+        requests = rx.requests
+    stats = _stats.snapshot()
+    assert flushed is True
+    assert requests == 2  # refused once, then accepted
+    assert names == sorted(f"h{i}" for i in range(10))
+    assert stats["retried"] == 10, stats
+    assert stats["spans_exported"] == 10, stats
+    assert stats.get("spans_rejected", 0) == 0, stats
+    assert_books_balance(stats, ended=10)
+
+
 # -- partial success ----------------------------------------------------------------------------------------
 
 

@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 
 __all__ = ["MODES", "OTLPReceiver", "ReceivedSpan", "Tally", "count_spans", "decode_request"]
 
-MODES = ("ok", "503", "429", "slow", "die")
+#: How the receiver answers: "ok"; an HTTP status (400 refuses for good; 408, 429, 502, 503 and 504 ask to
+#: retry, with ``retry_after`` as ``Retry-After``); "slow" (answer after ``delay``); "die" (hang up).
+MODES = ("ok", "400", "408", "429", "502", "503", "504", "slow", "die")
+_RETRYABLE = ("408", "429", "502", "503", "504")
 
 
 @dataclass(frozen=True)
@@ -209,18 +212,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         rx._count_request(dict(self.headers.items()))
-        mode, retry_after, delay = rx._current_mode()
         if self.path.split("?")[0] != "/v1/traces":
             self._answer(404)
             return
+        mode, retry_after, delay = rx._current_mode()
         if mode == "die":
             # Read the whole request, then hang up without a status line: a collector crashing mid-request.
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if mode in ("503", "429"):
-            extra = {"Retry-After": _fmt_retry(retry_after)} if retry_after is not None else None
+        if mode.isdigit():
+            extra = None
+            if retry_after is not None and mode in _RETRYABLE:
+                extra = {"Retry-After": _fmt_retry(retry_after)}
             self._answer(int(mode), extra)
             return
         if mode == "slow" and rx._stopping.wait(delay):
@@ -287,6 +292,7 @@ class OTLPReceiver:
         self._mode = "ok"
         self._retry_after: float | None = None
         self._delay = 0.0
+        self._mode_left: int | None = None  # requests left in this mode before "ok" again (None: for ever)
         self.set_mode(mode, retry_after=retry_after, delay=delay)
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -332,12 +338,17 @@ class OTLPReceiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def set_mode(self, mode: str, *, retry_after: float | None = None, delay: float = 0.0) -> None:
-        """Change how the following requests are answered (see the module docstring)."""
+    def set_mode(
+        self, mode: str, *, retry_after: float | None = None, delay: float = 0.0, times: int | None = None
+    ) -> None:
+        """Change how the following requests are answered (see ``MODES``); with ``times``, only that many
+        of them, and "ok" after."""
         if mode not in MODES:
             raise ValueError(f"unknown receiver mode {mode!r}; use one of {', '.join(MODES)}")
+        if times is not None and times < 1:
+            raise ValueError(f"times must be at least 1, not {times!r}")
         with self._cond:
-            self._mode, self._retry_after, self._delay = mode, retry_after, delay
+            self._mode, self._retry_after, self._delay, self._mode_left = mode, retry_after, delay, times
 
     # -- observations ----------------------------------------------------------------------------------
     @property
@@ -440,8 +451,14 @@ class OTLPReceiver:
             self._last_headers = {k.lower(): v for k, v in headers.items()}
 
     def _current_mode(self) -> tuple[str, float | None, float]:
+        """How to answer this request (each call is one request: it counts down ``times``)."""
         with self._cond:
-            return self._mode, self._retry_after, self._delay
+            current = self._mode, self._retry_after, self._delay
+            if self._mode_left is not None:
+                self._mode_left -= 1
+                if self._mode_left == 0:
+                    self._mode, self._retry_after, self._delay, self._mode_left = "ok", None, 0.0, None
+            return current
 
     def _accept(self, spans: list[ReceivedSpan] | int) -> None:
         with self._cond:
