@@ -149,6 +149,38 @@ out(close_s=time.monotonic() - t0, stats=ctxprop.stats())
     assert_books_balance(stats, ended=30)
 
 
+def test_spans_still_queued_behind_a_stuck_custom_exporter_at_close_are_counted_as_close_timeout(
+    tmp_path: Path,
+) -> None:
+    """The same exporter, batches of 10: the batch inside export() at close() counts as abandoned, the two
+    still queued behind it as dropped_close_timeout (a custom exporter's spans have no spool to go to)."""
+    body = PRELUDE + """
+import threading
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+entered = threading.Event()
+class Stuck(SpanExporter):
+    def export(self, spans):
+        entered.set()
+        threading.Event().wait(3600)
+        return SpanExportResult.SUCCESS
+ctxprop.init(exporter=Stuck(), close_timeout=1.0, schedule_delay=60, max_export_batch_size=10,
+             handle_signals=False)
+make_spans("q", 30)
+entered.wait(20)
+t0 = time.monotonic()
+ctxprop.close()
+out(close_s=time.monotonic() - t0, stats=ctxprop.stats())
+"""
+    res = run_child(body, env={"CTXPROP_SPOOL_DIR": str(tmp_path / "spool")}, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert res.last("close_s") < 1.0 + 0.5
+    stats = res.last("stats")
+    assert stats["dropped_export_abandoned"] == 10, stats
+    assert stats["dropped_close_timeout"] == 20, stats
+    assert_books_balance(stats, ended=30)
+
+
 def test_flush_returns_by_its_deadline_while_export_blocks() -> None:
     """A hand-added processor whose exporter blocks: force_flush() returns False by its deadline; once the
     exporter lets go, the spans are exported and nothing is counted twice."""
@@ -368,6 +400,40 @@ def test_a_collector_asking_to_retry_gets_the_batch_again_and_it_is_delivered_on
     assert stats["retried"] == 10, stats
     assert stats["spans_exported"] == 10, stats
     assert stats.get("spans_rejected", 0) == 0, stats
+    assert_books_balance(stats, ended=10)
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "retry_after", "timeout_ms"),
+    [
+        ("attempts", "503", 0.0, 20000),  # asked to retry at once, six times: attempts run out first
+        ("retry_after", "429", 3600.0, 20000),  # asked to wait past the 30 s cap: given up at once
+        ("timeout", "503", None, 250),  # its own backoff would pass the 0.25 s export timeout
+    ],
+)
+def test_without_a_spool_a_batch_given_up_is_counted_under_the_reason_it_was_given_up_for(
+    reason: str, status: str, retry_after: float | None, timeout_ms: int
+) -> None:
+    """With no spool to go to, a batch the collector keeps refusing is dropped, and its spans are counted
+    under dropped_export_<reason> for the one rule that gave it up (attempts, Retry-After, timeout)."""
+    from ctxprop._transport import OTLPSender
+
+    with OTLPReceiver() as rx:
+        rx.set_mode(status, retry_after=retry_after)
+        proc = CtxpropSpanProcessor(
+            sender=OTLPSender(rx.endpoint), max_export_batch_size=10, export_timeout_millis=timeout_ms
+        )
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(proc)
+        for i in range(10):
+            provider.get_tracer("t").start_span(f"g{i}").end()
+        proc.force_flush(20000)
+        proc.shutdown()
+        requests = rx.requests
+    stats = _stats.snapshot()
+    given_up = {k: v for k, v in stats.items() if k.startswith("dropped_export_")}
+    assert given_up == {f"dropped_export_{reason}": 10}, stats
+    assert requests == {"attempts": 6, "retry_after": 1}.get(reason, requests), requests
     assert_books_balance(stats, ended=10)
 
 

@@ -23,6 +23,7 @@ KW = ", schedule_delay=60"
     [
         # gunicorn's UvicornWorker: SIGINT back to the default action, then re-raised after the shutdown.
         'signal.signal(signal.SIGINT, signal.SIG_DFL)\nmake_spans("main")\n'
+        'print("answers SIG_DFL:", signal.getsignal(signal.SIGINT) is signal.SIG_DFL)\n'
         "os.kill(os.getpid(), signal.SIGINT)\n",
         # uvicorn: its own handler while serving, then the handler it found restored and the signal re-raised.
         textwrap.dedent(
@@ -48,6 +49,8 @@ def test_sigint_with_default_action_delivers_and_still_dies_by_sigint(
     res = run_child(_code(body + "print('survived')\n", kw=KW), env=_env(receiver, tmp_path))
     assert res.returncode == -signal.SIGINT, res.stderr
     assert "survived" not in res.stdout_lines
+    if "answers SIG_DFL" in body:  # ctxprop stands in for the default action, and hides that it does
+        assert "answers SIG_DFL: True" in res.stdout_lines, res.stdout_lines
     _assert_all(receiver)
     plain = "import os, signal\n" + body.replace('make_spans("main")', "pass") + "print('survived')\n"
     without = run_child(plain)
@@ -58,13 +61,16 @@ def test_sigint_set_to_default_before_init_delivers_too(receiver: OTLPReceiver, 
     """SIGINT already SIG_DFL when init() runs: the default-action death still delivers first."""
     res = run_child(
         _code(
-            'make_spans("main")\nos.kill(os.getpid(), signal.SIGINT)\nprint("survived")\n',
+            'make_spans("main")\n'
+            'print("answers SIG_DFL:", signal.getsignal(signal.SIGINT) is signal.SIG_DFL)\n'
+            'os.kill(os.getpid(), signal.SIGINT)\nprint("survived")\n',
             kw=KW,
             before_init="signal.signal(signal.SIGINT, signal.SIG_DFL)\n",
         ),
         env=_env(receiver, tmp_path),
     )
     assert res.returncode == -signal.SIGINT, res.stderr
+    assert "answers SIG_DFL: True" in res.stdout_lines, res.stdout_lines
     _assert_all(receiver)
 
 
