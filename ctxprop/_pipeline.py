@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ _provider: TracerProvider | None = None
 _processor: CtxpropSpanProcessor | None = None
 _config: PipelineConfig | None = None
 _configured = False  # the pipeline was set up by the ctxprop configurator (attach), not by init()
+_owner_pid = 0  # the process that set the pipeline up (a forked child inherits it, and may start its own)
 # A provider someone else set as the global one before init(): flushed at ctxprop's endings too.
 _foreign: TracerProvider | None = None
 
@@ -73,7 +75,8 @@ def init(
 
     The endpoint is ``endpoint``, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (as is), else
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else ``http://localhost:4318/v1/traces``. Bad settings
-    raise ``ValueError``; a second call warns (``RuntimeWarning``) and returns the first provider.
+    raise ``ValueError``; a second call warns (``RuntimeWarning``) and returns the first provider. In a
+    forked child (a pool worker's initializer), the first call there replaces the pipeline it inherited.
     ``encoder`` (else ``CTXPROP_ENCODER``) is ``"ctxprop"`` (the default: ctxprop's own OTLP encoder, the
     same bytes at a fraction of the CPU) or ``"official"`` (OpenTelemetry's ``encode_spans``).
 
@@ -84,7 +87,7 @@ def init(
 
     .. versionadded:: 0.1.0
     """
-    global _provider, _processor, _config
+    global _provider, _processor, _config, _owner_pid
     # The arguments but exporter are _config.Settings' fields, by name: passed on as they are.
     settings = {name: value for name, value in locals().items() if name != "exporter"}
     with _lock:
@@ -92,6 +95,10 @@ def init(
             # OTEL_PYTHON_CONFIGURATOR=ctxprop set the pipeline up before the application ran: the OTEL_*
             # variables decide, and the application's own init() is the no-op it would be without it.
             return _provider
+        if _provider is not None and _owner_pid != os.getpid():
+            # Inherited through fork (a pool worker's initializer, before any task dropped it): this
+            # process's own init() starts its own pipeline, and the parent's copy is never exported here.
+            forget()
         if _provider is not None:
             warnings.warn(
                 "ctxprop.init() was already called in this process; keeping the first pipeline "
@@ -121,7 +128,7 @@ def init(
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         provider.add_span_processor(processor)  # it tags spans with the scopes' tags too (tag_scopes)
         _set_global_provider(provider)
-        _provider, _processor, _config = provider, processor, cfg
+        _provider, _processor, _config, _owner_pid = provider, processor, cfg, os.getpid()
     _arm(cfg, processor)
     return provider
 
@@ -168,7 +175,7 @@ def attach(provider: TracerProvider, *, exporter: SpanExporter | None = None) ->
 
     Returns False (and changes nothing) when a pipeline is already set up in this process.
     """
-    global _provider, _processor, _config, _configured
+    global _provider, _processor, _config, _configured, _owner_pid  # noqa: PLW0603
     with _lock:
         if _provider is not None:
             return False
@@ -179,6 +186,7 @@ def attach(provider: TracerProvider, *, exporter: SpanExporter | None = None) ->
         processor = _build_processor(cfg, exporter)
         provider.add_span_processor(processor)
         _provider, _processor, _config, _configured = provider, processor, cfg, True
+        _owner_pid = os.getpid()
     _arm(cfg, processor)
     return True
 

@@ -481,6 +481,41 @@ def test_dask_profiler_is_off_on_free_threaded_builds(dask_client: Any) -> None:
         assert on_workers == {True}  # untouched where it is safe
 
 
+def own_pipeline(endpoint: str) -> None:
+    """A process pool's initializer: this worker runs a pipeline of its own."""
+    ctxprop.init(endpoint=endpoint, service_name="pool-worker", handle_signals=False)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_plain_pool_whose_initializer_calls_init_sends_the_task_spans_itself(
+    method: str, exporter: InMemorySpanExporter, receiver: OTLPReceiver  # noqa: F811
+) -> None:
+    """``ctxprop.init()`` in a plain ``ProcessPoolExecutor``'s initializer, every start method: each task
+    span leaves through the worker's own pipeline (its service name), parented to the submitting span,
+    once; none rides home. A forked worker's init() used to warn "already called in this process" and
+    keep the pipeline it inherited, so its spans went home under the parent's name."""
+    pool = ProcessPoolExecutor(
+        max_workers=2,
+        mp_context=multiprocessing.get_context(method),
+        initializer=own_pipeline,
+        initargs=(receiver.endpoint,),
+    )
+    with (
+        ctxprop.ContextAwareExecutor(pool) as executor,
+        trace.get_tracer("test").start_as_current_span("submit") as root,
+    ):
+        assert [r["n"] for r in executor.map(traced, [1, 2, 3, 4])] == [1, 2, 3, 4]
+    assert receiver.wait_for_spans(4, timeout=30)
+    sid = format(root.get_span_context().span_id, "016x")
+    spans = receiver.spans
+    assert sorted(s.name for s in spans) == ["task-1", "task-2", "task-3", "task-4"]
+    assert {s.service_name for s in spans} == {"pool-worker"}
+    assert {s.parent_span_id for s in spans} == {sid}
+    ctxprop.flush(10)
+    assert [s.name for s in exporter.get_finished_spans()] == ["submit"]
+
+
 # --- executors ctxprop knows nothing about ------------------------------------------------------------------
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
