@@ -240,6 +240,32 @@ def test_configurator_sets_up_ctxprop_pipeline_and_leaves_metrics_and_logs_stock
     assert _without_otel_choice(err) == [], err
 
 
+CONSOLE_SCRIPT = """
+from opentelemetry import trace
+import ctxprop
+""" + _tagged_spans(5, 'trace.get_tracer("zero-code")')
+
+
+def test_other_trace_exporters_stay_with_the_sdk_and_otlp_goes_by_http_whatever_the_protocol(
+    receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """``OTEL_TRACES_EXPORTER=otlp,console`` with ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``: the SDK's console
+    exporter prints each span, and ctxprop's pipeline delivers each to the OTLP/HTTP collector, tagged."""
+    env = _zero_code_env(
+        receiver, tmp_path, "ctxprop", OTEL_TRACES_EXPORTER="otlp,console", OTEL_EXPORTER_OTLP_PROTOCOL="grpc"
+    )
+    proc = _start(CONSOLE_SCRIPT, env, tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    printed = [ln.strip() for ln in out.splitlines() if ln.strip().startswith('"name": "span-')]
+    assert sorted(printed) == sorted(f'"name": "span-{i}",' for i in range(5)), out
+    assert receiver.wait_for_spans(5, 10)
+    spans = receiver.spans
+    assert sorted(sp.name for sp in spans) == [f"span-{i}" for i in range(5)]
+    assert all(sp.attributes.get("tenant") == "acme" for sp in spans)
+    assert _without_otel_choice(err) == [], err
+
+
 SPOOL_SCRIPT = """
 from opentelemetry import trace
 import ctxprop
