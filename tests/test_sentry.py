@@ -425,6 +425,8 @@ def test_process_pool_tasks_carry_the_submitters_sentry_scopes(
                 with sentry_sdk.new_scope():
                     sentry_sdk.get_current_scope().set_tag("phase", f"p{rnd}")
                     sentry_sdk.get_current_scope().set_level("warning")
+                    sentry_sdk.get_current_scope().fingerprint = ["round", str(rnd)]
+                    sentry_sdk.get_current_scope().set_transaction_name(f"job-{rnd}")
                     pid = pool.submit(_capture_in_worker, f"round {rnd}", f"own{rnd}").result(timeout=60)
                 assert pid == worker_pid
     events = _worker_events(path)
@@ -436,6 +438,8 @@ def test_process_pool_tasks_carry_the_submitters_sentry_scopes(
         assert event["contexts"]["job"] == {"round": rnd}
         assert event["extra"] == {"attempt": rnd}
         assert event["level"] == "warning"
+        assert event["fingerprint"] == ["round", str(rnd)]
+        assert event["transaction"] == f"job-{rnd}"
         assert [c["message"] for c in event["breadcrumbs"]["values"]] == [f"crumb {rnd}"]
     assert sentry.events == []  # nothing was captured in this process
 
