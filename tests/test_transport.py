@@ -294,16 +294,25 @@ def test_https_through_the_proxy_goes_by_a_connect_tunnel(
 # -- proxies the transport cannot use ----------------------------------------------------------------------
 
 
-def test_a_proxy_scheme_it_cannot_use_fails_when_the_sender_is_made_without_its_secret(
-    clean_env: pytest.MonkeyPatch,
+@pytest.mark.parametrize("scheme", ["socks5", "https"])
+def test_a_proxy_scheme_it_cannot_use_fails_at_init_without_its_secret(
+    clean_env: pytest.MonkeyPatch, scheme: str
 ) -> None:
-    """A SOCKS proxy for the collector's URL: a clear ValueError at once (init() raises it), naming the
-    proxy without its password, rather than every request failing later."""
-    clean_env.setenv("HTTPS_PROXY", "socks5://me:hunter2@127.0.0.1:1080")
+    """A SOCKS or an https:// proxy for the collector's URL: a clear ValueError at once, from the sender and
+    from ``init()``, naming the proxy without its password, rather than every request failing later; no
+    pipeline is left half set up."""
+    import ctxprop
+    from ctxprop import _pipeline
+
+    clean_env.setenv("HTTPS_PROXY", f"{scheme}://me:hunter2@127.0.0.1:1080")
     with pytest.raises(ValueError, match="http:// proxies only") as err:
         OTLPSender("https://collector.example:4318/v1/traces")
     assert "hunter2" not in str(err.value)
-    assert "socks5://***@127.0.0.1:1080" in str(err.value)
+    assert f"{scheme}://***@127.0.0.1:1080" in str(err.value)
+    with pytest.raises(ValueError, match="http:// proxies only") as at_init:
+        ctxprop.init(endpoint="https://collector.example:4318", handle_signals=False)
+    assert "hunter2" not in str(at_init.value)
+    assert _pipeline.current_processor() is None
 
 
 # -- connections, threads, deadlines ------------------------------------------------------------------------
