@@ -304,3 +304,38 @@ out(first=first, control=control, stale=stale, fresh=[info[4][0] for info in fre
         }, res.json_lines
         assert rx.wait_for_spans(2, timeout=10)
         assert sorted(s.name for s in rx.spans) == ["first", "stale"]
+
+
+def test_an_answer_is_looked_up_again_once_its_ttl_has_passed(tmp_path: Path) -> None:
+    """Within the answer's lifetime (made 2 s here) a new connection asks no DNS server; after it, the
+    next new connection asks again (and meanwhile uses the stale answer)."""
+    with OTLPReceiver() as rx:
+        res = _run(
+            tmp_path,
+            """
+from ctxprop import _resolver
+from ctxprop._transport import OTLPSender
+_resolver.TTL = 2.0
+port = int(os.environ["PORT"])
+dns = DNSServer(os.environ["DNS_HOST"], ["127.0.0.1"])
+sender = OTLPSender(f"http://{NAME}:{port}/v1/traces")
+bodies = {name: payload(name) for name in ("first", "within", "after")}  # before the clock matters
+counts = []
+for name in ("first", "within"):
+    sender.close()  # each POST on a new connection
+    assert sender(bodies[name], 5.0).ok
+    counts.append(len(dns.queries))
+time.sleep(2.1)  # the answer's lifetime passes
+sender.close()
+assert sender(bodies["after"], 5.0).ok
+lookup = sender._resolver._lookup
+if lookup is not None:
+    lookup.done.wait(5)
+counts.append(len(dns.queries))
+out(counts=counts)
+""",
+            env={"PORT": str(rx.port)},
+        )
+        assert res.returncode == 0, res.stderr
+        assert res.last("counts") == [2, 2, 4]  # an A and an AAAA query per lookup
+        assert rx.wait_for_spans(3, timeout=10)
