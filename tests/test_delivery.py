@@ -124,37 +124,14 @@ class _BlockingExporter(SpanExporter):
         self.release.set()
 
 
-def test_a_blocking_custom_exporter_cannot_hold_close(tmp_path: Path) -> None:
-    """init(exporter=...) whose export() never returns: close() still returns by its deadline + 0.5 s, the
-    spans it had are counted as abandoned, and the books balance."""
-    body = PRELUDE + """
-import threading
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-class Stuck(SpanExporter):
-    def export(self, spans):
-        threading.Event().wait(3600)
-        return SpanExportResult.SUCCESS
-ctxprop.init(exporter=Stuck(), close_timeout=1.0, schedule_delay=60, handle_signals=False)
-make_spans("b", 30)
-t0 = time.monotonic()
-ctxprop.close()
-out(close_s=time.monotonic() - t0, stats=ctxprop.stats())
-"""
-    res = run_child(body, env={"CTXPROP_SPOOL_DIR": str(tmp_path / "spool")}, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == ""
-    assert res.last("close_s") < 1.0 + 0.5
-    stats = res.last("stats")
-    assert stats["dropped_export_abandoned"] == 30
-    assert_books_balance(stats, ended=30)
-
-
-def test_spans_still_queued_behind_a_stuck_custom_exporter_at_close_are_counted_as_close_timeout(
-    tmp_path: Path,
+@pytest.mark.parametrize(("batch", "abandoned", "queued"), [(512, 30, 0), (10, 10, 20)])
+def test_a_blocking_custom_exporter_cannot_hold_close(
+    tmp_path: Path, batch: int, abandoned: int, queued: int
 ) -> None:
-    """The same exporter, batches of 10: the batch inside export() at close() counts as abandoned, the two
-    still queued behind it as dropped_close_timeout (a custom exporter's spans have no spool to go to)."""
-    body = PRELUDE + """
+    """init(exporter=...) whose export() never returns: close() still returns by its deadline + 0.5 s; the
+    batch inside export() counts as abandoned, the batches still queued behind it (batches of 10) as
+    dropped_close_timeout (a custom exporter's spans have no spool to go to); the books balance."""
+    body = PRELUDE + f"""
 import threading
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 entered = threading.Event()
@@ -163,9 +140,9 @@ class Stuck(SpanExporter):
         entered.set()
         threading.Event().wait(3600)
         return SpanExportResult.SUCCESS
-ctxprop.init(exporter=Stuck(), close_timeout=1.0, schedule_delay=60, max_export_batch_size=10,
+ctxprop.init(exporter=Stuck(), close_timeout=1.0, schedule_delay=60, max_export_batch_size={batch},
              handle_signals=False)
-make_spans("q", 30)
+make_spans("b", 30)
 entered.wait(20)
 t0 = time.monotonic()
 ctxprop.close()
@@ -176,8 +153,8 @@ out(close_s=time.monotonic() - t0, stats=ctxprop.stats())
     assert res.stderr == ""
     assert res.last("close_s") < 1.0 + 0.5
     stats = res.last("stats")
-    assert stats["dropped_export_abandoned"] == 10, stats
-    assert stats["dropped_close_timeout"] == 20, stats
+    assert stats["dropped_export_abandoned"] == abandoned, stats
+    assert stats.get("dropped_close_timeout", 0) == queued, stats
     assert_books_balance(stats, ended=30)
 
 

@@ -24,12 +24,7 @@ def out(**kw):
     print(json.dumps(kw), flush=True)
 
 ctxprop.init(endpoint=os.environ["EP"], close_timeout=5.0, schedule_delay=60, handle_signals=False)
-limit_threads()
-try:
-    threading.Thread(target=lambda: None).start()
-    control = "started"
-except RuntimeError as exc:
-    control = str(exc)
+control = limit_threads()
 tracer = trace.get_tracer("limited")
 for i in range(50):
     tracer.start_span(f"t-{i}").end()

@@ -3,7 +3,8 @@ to the threads it already has, so ``Thread.start()`` raises ``RuntimeError("can'
 from then on (as a container's pids limit or an exhausted ``ulimit -u`` would make it).
 
 ``cgroup()`` makes the group (and removes it once the child is gone); the child joins it and sets the
-limit with ``LIMIT_THREADS``'s ``limit_threads()``, reading the group's path from ``CTXPROP_TEST_PIDS``.
+limit with ``LIMIT_THREADS``'s ``limit_threads()``, which returns what starting one more thread then
+says (the control), reading the group's path from ``CTXPROP_TEST_PIDS``.
 It needs a writable pids controller (cgroup v1 ``/sys/fs/cgroup/pids`` or v2 ``/sys/fs/cgroup``):
 ``unavailable()`` says why not, for a skip.
 """
@@ -23,7 +24,9 @@ _ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
 
 LIMIT_THREADS = """
 def limit_threads():
-    '''Join the test's pids cgroup and allow no thread beyond those running now.'''
+    '''Join the test's pids cgroup and allow no thread beyond those running now; what starting one more
+    then says (the control: "can't start new thread").'''
+    import threading
     group = os.environ["CTXPROP_TEST_PIDS"]
     with open(os.path.join(group, "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
@@ -31,6 +34,11 @@ def limit_threads():
         running = f.read().strip()
     with open(os.path.join(group, "pids.max"), "w") as f:
         f.write(running)
+    try:
+        threading.Thread(target=lambda: None).start()
+    except RuntimeError as exc:
+        return str(exc)
+    return "started"
 """
 
 
